@@ -1,0 +1,6 @@
+"""Shared pytest configuration: fixtures live in tests/fixtures/, one module per real backend."""
+
+pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.cluster",
+]
