@@ -1,0 +1,5 @@
+import sys
+
+from finetune_devenv.nodeagent.cli import main
+
+sys.exit(main())
