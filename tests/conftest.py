@@ -3,4 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.cluster",
+    "tests.fixtures.nodeagent",
+    "tests.fixtures.operator",
 ]

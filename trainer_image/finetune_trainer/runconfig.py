@@ -179,6 +179,7 @@ class ProgressReport(BaseModel):
     eval_loss: float | None = Field(None, alias="evalLoss")
     learning_rate: float | None = Field(None, alias="learningRate")
     tokens_per_second: float | None = Field(None, alias="tokensPerSecond")
+    eta_seconds: float | None = Field(None, alias="etaSeconds")  # trainer's estimate; else the operator's
     checkpoints: list[CheckpointEvent] = []
     adapter_uri: str | None = Field(None, alias="adapterUri")
     message: str | None = None
