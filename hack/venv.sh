@@ -18,7 +18,7 @@ if [[ ! -f "$venv/.complete" ]]; then
   rm -rf "$venv"; mkdir -p "$CACHE"
   "$PY" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade "pip==25.3" >&2
-  "$venv/bin/pip" install -q -e "$root[operator,trainer,dev]" >&2
+  "$venv/bin/pip" install -q -e "$root[operator,trainer,cli,dev]" >&2
   touch "$venv/.complete"
 else
   # the package itself is installed editable; re-link it if this is another checkout

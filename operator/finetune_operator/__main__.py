@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -18,6 +19,7 @@ import kopf
 from finetune_operator import settings as settings_mod
 from finetune_operator.handlers import build_registry
 from finetune_operator.k8s import Kube, load_api_client
+from finetune_operator.metrics import Metrics
 from finetune_operator.reconcile import Reconciler
 
 
@@ -58,7 +60,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable)")
     where.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
-    parser.add_argument("--standalone", action="store_true", help="no peering (one operator replica)")
+    peering = parser.add_mutually_exclusive_group()
+    peering.add_argument("--standalone", action="store_true", help="no peering (one operator replica)")
+    peering.add_argument(
+        "--peering",
+        metavar="NAME",
+        help="kopf peering object shared by the replicas (it must exist): the replica with the highest "
+        "priority works, the others stand by",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        help="peering priority (default: earlier start = higher, so the oldest live replica works and "
+        "a new one never takes over from a working one)",
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port"
+    )
     parser.add_argument(
         "--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz"
     )
@@ -74,15 +92,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except settings_mod.SettingsError as err:
         logging.getLogger(__name__).error("invalid setting: %s", err)
         return 2
-    reconciler = Reconciler(Kube(load_api_client()), settings)
+    metrics = Metrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    reconciler = Reconciler(Kube(load_api_client()), settings, metrics=metrics)
     kopf.run(
         registry=build_registry(reconciler, settings),
         standalone=args.standalone,
+        peering_name=args.peering,
+        priority=peering_priority(args.priority) if args.peering else None,
         clusterwide=args.all_namespaces,
         namespaces=args.namespace or (),
         liveness_endpoint=args.liveness,
     )
     return 0
+
+
+def peering_priority(given: int | None, now_ns: int | None = None) -> int:
+    """``given``, else a priority that falls with the start time (microseconds; positive until 2112).
+
+    kopf pauses every replica but the one with the highest priority, and pauses all of them if two
+    share the highest one, so each replica needs its own: the earliest started wins, and a restarted
+    or added replica joins as a standby instead of taking over from the one at work.
+    """
+    if given is not None:
+        return given
+    started = time.time_ns() if now_ns is None else now_ns
+    return 2**52 - started // 1000
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from finetune_operator.decide import (
     refused,
 )
 from finetune_operator.k8s import Conflict, Kube, Refused
+from finetune_operator.metrics import Metrics
 from finetune_operator.observe import observe
 from finetune_operator.settings import Settings
 
@@ -56,10 +57,17 @@ class _Slot:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, settings: Settings, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        settings: Settings,
+        clock: Callable[[], datetime] = utcnow,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.kube = kube
         self.settings = settings
         self.clock = clock
+        self.metrics = metrics or Metrics()
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._guard = threading.Lock()
 
@@ -79,11 +87,13 @@ class Reconciler:
             with self._guard:
                 slot.waiting = False
             for _ in range(MAX_CONFLICT_RETRIES):
-                try:
-                    self._once(namespace, name)
-                    return
-                except Conflict as err:
-                    log.info("retrying: %s", err)
+                with self.metrics.reconcile_timer() as timer:
+                    try:
+                        self._once(namespace, name)
+                        return
+                    except Conflict as err:
+                        timer.outcome = "conflict"
+                        log.info("retrying: %s", err)
             log.warning(
                 "%s/%s: gave up after %d conflicts; the next trigger retries",
                 namespace,
@@ -94,6 +104,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         with self._guard:
             self._slots.pop((namespace, name), None)
+        self.metrics.job_deleted(namespace, name)
 
     def _once(self, namespace: str, name: str) -> None:
         raw = self.kube.get_finetunejob(namespace, name)
@@ -146,9 +157,10 @@ class Reconciler:
             self.kube.delete_attempt(namespace, name, action.attempt)
 
     def _write(self, raw: dict[str, Any], job: FineTuneJob, decision: Decision, now: datetime) -> None:
-        new = dump_status(decision.status)
-        if new == dump_status(job.status):
-            return
-        self.kube.replace_status(raw, new)
-        for event in decision.events:
-            self.kube.post_event(raw, event.type, event.reason, event.message, now)
+        new, old = dump_status(decision.status), dump_status(job.status)
+        if new != old:
+            self.kube.replace_status(raw, new)
+            for event in decision.events:
+                self.kube.post_event(raw, event.type, event.reason, event.message, now)
+        meta = raw["metadata"]
+        self.metrics.job_observed(meta["namespace"], meta["name"], meta.get("creationTimestamp"), old, new)
