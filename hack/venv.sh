@@ -13,6 +13,10 @@ print(hashlib.sha256(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:12]
 PYEOF
 )"
 venv="$CACHE/venv-$key"
+mkdir -p "$CACHE"
+# One builder at a time: a second caller waits for the first instead of deleting its half-built venv.
+exec 9>"$CACHE/.venv-$key.lock"
+flock 9
 if [[ ! -f "$venv/.complete" ]]; then
   echo "creating $venv (first time: downloads torch and friends, several GB)..." >&2
   rm -rf "$venv"; mkdir -p "$CACHE"

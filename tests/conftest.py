@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.cluster",
     "tests.fixtures.nodeagent",
     "tests.fixtures.operator",
+    "tests.fixtures.e2e",
 ]

@@ -144,7 +144,9 @@ def _up(args: argparse.Namespace, argv: list[str]) -> int:
     run_argv = [sys.executable, "-m", "finetune_devenv.nodeagent", "run", *argv[argv.index("up") + 1 :]]
     if "--state-dir" not in argv:
         run_argv += ["--state-dir", str(args.state_dir)]
-    proc = _proc.spawn(run_argv, log=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = _proc.spawn(
+        run_argv, log=log, env={**os.environ, "PYTHONUNBUFFERED": "1"}, die_with_parent=False
+    )  # detached: it outlives this command
     started = time.monotonic()
 
     def ready() -> bool:
