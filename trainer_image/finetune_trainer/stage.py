@@ -1,0 +1,229 @@
+"""Prepare one node before any worker starts: check the data, fetch the model and the checkpoint.
+
+Runs once per pod, in the launcher, so eight GPUs share one download, and a bad dataset fails in
+seconds with exit code 3, before the model is downloaded or a GPU is touched:
+
+1. the model's small files (config, tokenizer, chat template) are fetched;
+2. the dataset is read and validated with a token counter built from that tokenizer and its chat
+   template (every problem reported with its line number);
+3. the run config is checked for combinations that cannot work;
+4. the checkpoint to resume from is chosen (``checkpoints.resume_from``, else the newest complete
+   one), compared with the current config (incompatible changes fail with INVALID_CONFIG), then
+   downloaded and checked against its marker;
+5. the model weights are fetched.
+
+What the workers need is written to ``<workdir>/staged.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer import checkpoints
+from finetune_trainer.data import DataSourceError, check_dataset, make_token_counter
+from finetune_trainer.data_checks import DataValidationError
+from finetune_trainer.errors import TrainerError
+from finetune_trainer.runconfig import ExitCode, RunConfig
+from finetune_trainer.s3 import ObjectStore, StorageError
+from finetune_trainer.uris import parse_uri
+
+log = logging.getLogger(__name__)
+
+STAGED_FILE = "staged.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+@dataclass(frozen=True)
+class Staged:
+    """Local inputs of the workers of one node."""
+
+    model_dir: str
+    data_sha256: str
+    resume_dir: str | None = None
+    resume_step: int | None = None
+
+    def write(self, workdir: Path) -> None:
+        (workdir / STAGED_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, workdir: Path) -> Staged:
+        data: dict[str, Any] = json.loads((workdir / STAGED_FILE).read_text())
+        return cls(**data)
+
+
+def storage_error(exc: StorageError, what: str) -> TrainerError:
+    """Map an S3 failure to the exit code the operator acts on."""
+    code = ExitCode.ERROR if exc.retryable else ExitCode.MODEL_NOT_FOUND
+    return TrainerError(code, f"cannot read {what}: {exc}")
+
+
+def check_config(config: RunConfig) -> None:
+    """Combinations the schema cannot express but training cannot do."""
+    if config.output.merge and config.model.quantization != "none":
+        raise TrainerError(
+            ExitCode.INVALID_CONFIG,
+            "output.merge needs model.quantization none: an adapter trained on a 4-bit model cannot be "
+            "merged into it losslessly. Merge offline into the full-precision model, or set merge false.",
+        )
+    for name, uri in (("checkpoints.uri", config.checkpoints.uri), ("output.uri", config.output.uri)):
+        if parse_uri(uri).scheme != "s3":
+            raise TrainerError(ExitCode.INVALID_CONFIG, f"{name} must be an s3:// URI, got {uri!r}")
+
+
+def stage(config: RunConfig, workdir: Path, store: ObjectStore, *, world_size: int) -> Staged:
+    """Run steps 1-5 of the module doc; raises :class:`TrainerError` with the exit code to use."""
+    check_config(config)
+    model_dir = fetch_model(config.model.uri, workdir / "model", store, weights=False)
+    sha256 = validate_data(config, model_dir, store)
+    resume_dir, resume_step = fetch_resume(config, workdir, store, world_size=world_size, data_sha256=sha256)
+    fetch_model(config.model.uri, workdir / "model", store, weights=True)
+    staged = Staged(str(model_dir), sha256, str(resume_dir) if resume_dir else None, resume_step)
+    staged.write(workdir)
+    return staged
+
+
+def fetch_model(uri: str, target: Path, store: ObjectStore, *, weights: bool) -> Path:
+    """The local folder of the model at ``uri``; downloads ``s3://`` and ``hf://`` models into
+    ``target``. ``weights=False`` fetches only the small files (tokenizer, config)."""
+    parsed = parse_uri(uri)
+    if parsed.is_local:
+        path = parsed.local_path()
+        if not (path / "config.json").is_file():
+            raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"model.uri {uri}: no config.json in {path}")
+        return path
+    done = target / (".complete" if weights else ".small-files")
+    if done.is_file():
+        return target
+    if parsed.scheme == "s3":
+        try:
+            keys = store.list_keys(uri)
+            if not keys:
+                raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"model.uri {uri}: no objects under this prefix")
+            if weights:
+                store.download_prefix(uri, target)
+            else:
+                base = uri if uri.endswith("/") else uri + "/"
+                for key in keys:
+                    if not key.endswith(_WEIGHT_SUFFIXES):
+                        store.download_file(key, target / key[len(base) :])
+        except StorageError as exc:
+            raise storage_error(exc, f"model.uri {uri}") from exc
+    else:
+        _fetch_hub(parsed.repo_id, parsed.revision, target, weights=weights)
+    done.touch()
+    return target
+
+
+def _fetch_hub(repo_id: str, revision: str | None, target: Path, *, weights: bool) -> None:
+    from huggingface_hub import snapshot_download
+
+    ignore = None if weights else [f"*{suffix}" for suffix in _WEIGHT_SUFFIXES]
+    try:
+        snapshot_download(repo_id, revision=revision, local_dir=target, ignore_patterns=ignore)
+    except Exception as exc:  # offline, no such repo, gated: all mean the model cannot be read
+        raise TrainerError(
+            ExitCode.MODEL_NOT_FOUND,
+            f"cannot download hf://{repo_id} ({type(exc).__name__}: {exc}); check the name, the token "
+            "secret (credentials.hfTokenSecretRef) and network access, or copy the model to s3://",
+        ) from exc
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def validate_data(config: RunConfig, model_dir: Path, store: ObjectStore) -> str:
+    """Check the dataset with exact token counts; returns the train data's sha256."""
+    tokenizer = load_tokenizer(model_dir)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise TrainerError(
+            ExitCode.INVALID_CONFIG,
+            f"the tokenizer of {config.model.uri} has no chat template; use an instruct/chat model or add "
+            "a chat_template.jinja next to its tokenizer files",
+        )
+    try:
+        checked = check_dataset(
+            config.dataset,
+            config.method,
+            seed=config.hyperparameters.seed,
+            store=store,
+            token_counter=make_token_counter(tokenizer),
+        )
+    except DataSourceError as exc:
+        raise TrainerError(ExitCode.MODEL_NOT_FOUND, str(exc)) from exc
+    except StorageError as exc:
+        raise storage_error(exc, "the dataset") from exc
+    if not checked.report.ok:
+        raise TrainerError(ExitCode.INVALID_DATA, str(DataValidationError(checked.report)))
+    report = checked.report
+    log.info(
+        "dataset OK: %s format, %d train / %d eval examples, sha256 %s",
+        report.format,
+        report.n_train,
+        report.n_eval,
+        report.sha256[:12],
+    )
+    return report.sha256
+
+
+def fetch_resume(
+    config: RunConfig, workdir: Path, store: ObjectStore, *, world_size: int, data_sha256: str
+) -> tuple[Path | None, int | None]:
+    """Choose, check and download the checkpoint to resume from; (None, None) to start fresh."""
+    ckpts = checkpoints.CheckpointStore(store, config.checkpoints.uri)
+    current = checkpoints.fingerprint(config, world_size=world_size, data_sha256=data_sha256)
+    try:
+        candidates = _resume_candidates(config, ckpts)
+        for step in candidates:
+            marker = ckpts.read_marker(step)
+            verdict = checkpoints.compare_fingerprints(marker.fingerprint, current)
+            if verdict.errors:
+                raise TrainerError(
+                    ExitCode.INVALID_CONFIG,
+                    f"cannot resume from checkpoint {ckpts.step_uri(step)}: {'; '.join(verdict.errors)}. "
+                    "Undo the change, or start a new job (another name) to train from scratch.",
+                )
+            for warning in verdict.warnings:
+                log.warning("resuming from step %d although %s", step, warning)
+            local = workdir / "resume" / f"checkpoint-{step}"
+            try:
+                ckpts.download(step, local)
+            except ValueError as exc:
+                if config.checkpoints.resume_from:
+                    raise TrainerError(ExitCode.INVALID_CONFIG, str(exc)) from exc
+                log.warning("%s; trying an older checkpoint", exc)
+                continue
+            log.info("resuming from %s", ckpts.step_uri(step))
+            return local, step
+    except StorageError as exc:
+        raise storage_error(exc, f"checkpoints under {config.checkpoints.uri}") from exc
+    return None, None
+
+
+def _resume_candidates(config: RunConfig, ckpts: checkpoints.CheckpointStore) -> list[int]:
+    """``resume_from`` alone when set (it must be complete), else complete checkpoints, newest first."""
+    wanted = config.checkpoints.resume_from
+    if wanted:
+        step = checkpoints.parse_step(wanted if wanted.endswith("/") else wanted + "/")
+        if step is None or ckpts.step_uri(step) != (wanted if wanted.endswith("/") else wanted + "/"):
+            raise TrainerError(
+                ExitCode.INVALID_CONFIG,
+                f"checkpoints.resumeFrom {wanted!r} is not a step-<9 digits>/ folder under {ckpts.root}",
+            )
+        if not ckpts.store.exists(ckpts.marker_uri(step)):
+            raise TrainerError(
+                ExitCode.INVALID_CONFIG,
+                f"checkpoints.resumeFrom {wanted} has no completion marker: it is a torn upload and "
+                "cannot be resumed from",
+            )
+        return [step]
+    return [c.step for c in reversed(ckpts.scan()) if c.complete]
