@@ -210,20 +210,29 @@ def fetch_resume(
 
 
 def _resume_candidates(config: RunConfig, ckpts: checkpoints.CheckpointStore) -> list[int]:
-    """``resume_from`` alone when set (it must be complete), else complete checkpoints, newest first."""
+    """Complete checkpoints, newest first; with ``resume_from``, only those at or after its step.
+
+    ``resume_from`` is the newest checkpoint the operator knew of when it rendered the attempt. A
+    newer complete one can exist by the time the pods start (the final checkpoint of a preempted
+    attempt, or pods of the same attempt suspended and readmitted by Kueue), and ``keep`` may have
+    pruned the one named: newer is always better, older than named never happens.
+    """
+    complete = [c.step for c in reversed(ckpts.scan()) if c.complete]
     wanted = config.checkpoints.resume_from
-    if wanted:
-        step = checkpoints.parse_step(wanted if wanted.endswith("/") else wanted + "/")
-        if step is None or ckpts.step_uri(step) != (wanted if wanted.endswith("/") else wanted + "/"):
-            raise TrainerError(
-                ExitCode.INVALID_CONFIG,
-                f"checkpoints.resumeFrom {wanted!r} is not a step-<9 digits>/ folder under {ckpts.root}",
-            )
-        if not ckpts.store.exists(ckpts.marker_uri(step)):
-            raise TrainerError(
-                ExitCode.INVALID_CONFIG,
-                f"checkpoints.resumeFrom {wanted} has no completion marker: it is a torn upload and "
-                "cannot be resumed from",
-            )
-        return [step]
-    return [c.step for c in reversed(ckpts.scan()) if c.complete]
+    if not wanted:
+        return complete
+    folder = wanted if wanted.endswith("/") else wanted + "/"
+    step = checkpoints.parse_step(folder)
+    if step is None or ckpts.step_uri(step) != folder:
+        raise TrainerError(
+            ExitCode.INVALID_CONFIG,
+            f"checkpoints.resumeFrom {wanted!r} is not a step-<9 digits>/ folder under {ckpts.root}",
+        )
+    candidates = [s for s in complete if s >= step]
+    if not candidates:
+        raise TrainerError(
+            ExitCode.INVALID_CONFIG,
+            f"checkpoints.resumeFrom {wanted} has no completion marker (and no newer checkpoint is "
+            "complete): it is a torn upload and cannot be resumed from",
+        )
+    return candidates
