@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
+
 from finetune_devenv.kubectl import Cluster
 from finetune_operator import api, crdgen
-
 from tests.fixtures.cluster import Kubectl
 from tests.integration.invalid_manifests import CASES, EDITABLE_AFTER_START, Invalid, Manifest, base_manifest
 

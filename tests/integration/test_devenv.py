@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 from botocore.exceptions import ClientError
+
 from finetune_devenv.cluster import Cluster, ControlPlane, NotATestContext, assert_test_context
 from finetune_devenv.s3server import S3Server
-
 from tests.fixtures.cluster import Kubectl
 
 pytestmark = pytest.mark.integration

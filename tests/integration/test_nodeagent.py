@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from finetune_devenv import _proc
-from finetune_devenv.nodeagent import hostsfile
 from kubernetes import client
 
+from finetune_devenv import _proc
+from finetune_devenv.nodeagent import hostsfile
 from tests.fixtures.cluster import Kubectl
 from tests.fixtures.nodeagent import NodeAgentProcess
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from finetune_devenv.s3server import S3Server
 from finetune_trainer.data import (
     DataSourceError,
@@ -24,7 +25,6 @@ from finetune_trainer.data import (
 from finetune_trainer.data_checks import Method
 from finetune_trainer.runconfig import DatasetConfig, ExitCode
 from finetune_trainer.s3 import ObjectStore
-
 from tests.support.tiny_model import build_tokenizer
 
 pytestmark = pytest.mark.trainer

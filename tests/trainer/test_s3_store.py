@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from finetune_devenv.s3server import S3Server
 from finetune_trainer.runconfig import S3Config
 from finetune_trainer.s3 import (

@@ -9,8 +9,8 @@ from typing import Any
 import pydantic
 import pytest
 import yaml
-from finetune_operator import api
 
+from finetune_operator import api
 from tests.integration.invalid_manifests import base_manifest
 
 pytestmark = pytest.mark.unit

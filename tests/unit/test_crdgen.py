@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator import api, crdgen
 
+from finetune_operator import api, crdgen
 from tests.integration.invalid_manifests import CASES
 
 pytestmark = pytest.mark.unit

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import pytest
+
 from finetune_trainer.data import split_examples
 from finetune_trainer.data_checks import (
     DatasetReport,

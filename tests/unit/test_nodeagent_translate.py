@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from finetune_devenv.nodeagent import hostsfile, pods, scheduling
 from finetune_devenv.nodeagent import status as st
 from finetune_devenv.nodeagent.context import Layout, NodeContext, PodConfigError, PodData

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from finetune_trainer.uris import Uri, join, parse_uri, s3_uri
 
 pytestmark = pytest.mark.unit
