@@ -316,11 +316,15 @@ def _active(
     elif live.failed:
         _after_failure(job, draft, live, classify(live))
     elif live.failing:
-        draft.phase(
-            "Restarting",
-            cond.RESTARTING,
-            f"attempt {live.attempt} failed; waiting for its pods to stop (they save a checkpoint first)",
-        )
+        failure = classify(live)
+        if failure.fatal:  # Failed follows once the pods stopped; never announce a restart first
+            status.message = f"attempt {live.attempt} failed ({failure.reason}); waiting for its pods to stop"
+        else:
+            draft.phase(
+                "Restarting",
+                cond.RESTARTING,
+                f"attempt {live.attempt} failed; waiting for its pods to stop (they save a checkpoint first)",
+            )
     elif stuck is not None:
         draft.actions.append(DeleteAttempt(live.attempt))
         draft.phase("Failed", stuck.reason, stuck.message)

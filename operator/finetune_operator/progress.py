@@ -38,14 +38,19 @@ def apply_report(status: FineTuneJobStatus, report: ProgressReport | None, attem
     out.progress = _progress(status.progress, report)
     old = status.metrics
     out.metrics = MetricsStatus(
-        train_loss=_first(report.train_loss, old.train_loss),
-        eval_loss=_first(report.eval_loss, old.eval_loss),
-        learning_rate=_first(report.learning_rate, old.learning_rate),
-        tokens_per_second=_first(report.tokens_per_second, old.tokens_per_second),
+        train_loss=_significant(_first(report.train_loss, old.train_loss)),
+        eval_loss=_significant(_first(report.eval_loss, old.eval_loss)),
+        learning_rate=_significant(_first(report.learning_rate, old.learning_rate)),
+        tokens_per_second=_significant(_first(report.tokens_per_second, old.tokens_per_second)),
     )
     if report.adapter_uri:
         out.output.adapter_uri = report.adapter_uri
     return out
+
+
+def _significant(value: float | None, digits: int = 4) -> float | None:
+    """Four significant digits: what `kubectl get ftj` prints (a printer column cannot format)."""
+    return None if value is None else float(f"{value:.{digits}g}")
 
 
 def merge_checkpoints(
@@ -94,10 +99,12 @@ def _eta(old: ProgressStatus, report: ProgressReport, when: datetime | None) -> 
     if report.step >= total:
         return 0
     if report.eta_seconds is not None:
-        return max(0, round(report.eta_seconds))
+        trainers: int = round(report.eta_seconds)
+        return max(0, trainers)
     if when and old.last_update_time and report.step > old.step and when > old.last_update_time:
         per_step = (when - old.last_update_time).total_seconds() / (report.step - old.step)
-        return max(0, round(per_step * (total - report.step)))
+        paced: int = round(per_step * (total - report.step))
+        return max(0, paced)
     return old.eta_seconds if report.step == old.step else None
 
 

@@ -507,9 +507,9 @@ def test_progress_of_the_current_attempt_is_mirrored() -> None:
         "step": 150,
         "totalSteps": 400,
         "epoch": 1.5,
-        "trainLoss": 1.25,
-        "learningRate": 1e-4,
-        "tokensPerSecond": 8400.0,
+        "trainLoss": 1.2534567891,
+        "learningRate": 1.00002e-4,
+        "tokensPerSecond": 8400.37,
         "checkpoints": many,
         "time": ts(100),
     }
@@ -519,7 +519,8 @@ def test_progress_of_the_current_attempt_is_mirrored() -> None:
     assert p.eta_seconds == 250  # 50 steps took 50 s; 250 steps left
     assert p.last_update_time == at(100)
     m = d.status.metrics
-    assert (m.train_loss, m.learning_rate, m.tokens_per_second) == (1.25, 1e-4, 8400.0)
+    # four significant digits: what the Loss column of `kubectl get ftj` shows
+    assert (m.train_loss, m.learning_rate, m.tokens_per_second) == (1.253, 1e-4, 8400.0)
     steps = [cp.step for cp in d.status.checkpoints]
     assert steps == list(range(4, 14))  # newest last, bounded to the newest 10
     assert condition(d, cond.CHECKPOINT_AVAILABLE) == ("True", cond.CHECKPOINT_SAVED)
@@ -689,3 +690,16 @@ def test_triggers_coalesce_while_a_reconcile_waits() -> None:
     first.join(5)
     waiter.join(5)
     assert len(reads) == 2
+
+
+def test_a_fatal_failure_is_not_announced_as_a_restart_while_pods_stop() -> None:
+    builder = running(make_job("a").nodes(2))
+    job = builder.build()
+    d = world(
+        builder,
+        jobs=[attempt_job(job, 1).failing()],
+        pods=[pod(job, 1, 0).exited(3, "line 7: no assistant turn"), pod(job, 1, 1).running()],
+    )
+    assert d.status.phase == "Running"
+    assert "failed (InvalidData)" in (d.status.message or "")
+    assert created(d) == []
