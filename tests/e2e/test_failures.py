@@ -16,7 +16,8 @@ import pytest
 from finetune_devenv import _proc
 from finetune_devenv.nodeagent.runner import tagged_pids
 from finetune_operator import constants as c
-from tests.fixtures.e2e import Product, wait_for
+from tests.fixtures.e2e import Product
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -30,10 +30,10 @@ from finetune_devenv import _proc
 from finetune_devenv.kubectl import Cluster
 from tests.support.builders import make_job
 from tests.support.helm import CHART, CI_VALUES, helm, install_crds, value_args
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-T = TypeVar("T")
 
 NOT_APPLIED = {
     "ServiceMonitor": "the Prometheus Operator's CRDs are not in the local control plane; "
@@ -43,17 +43,6 @@ NOT_APPLIED = {
 
 RBAC_DENIED = re.compile(r'is forbidden: User "system:serviceaccount:|Not enough permissions')
 """An RBAC refusal (the API server's message) or kopf's warning when a list/watch was refused."""
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30, every: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def kube_json(cluster: Cluster, *args: str) -> Any:
