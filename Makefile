@@ -17,9 +17,10 @@ help:
 	@echo "make test        set up everything and run every test tier (what CI runs)"
 	@echo "make test-quick  unit + integration, skipping tests marked slow"
 	@echo "make soak        the reliability suites' long form (docs/reliability.md; about an hour)"
-	@echo "make bench       CPU benchmarks, then docs/benchmarks.md (about 15 min; knobs in that page)"
+	@echo "make bench       CPU benchmarks, then docs/benchmarks.md (15-20 min; knobs in that page)"
 	@echo "make cluster     start the local control plane (prints how to point kubectl at it)"
-	@echo "make cluster-down / s3 / s3-down / crds / lint / helm / docs"
+	@echo "make demo-down   stop what make demo started"
+	@echo "make cluster-down / s3 / s3-down / node-agent / node-agent-down / crds / lint / helm / docs"
 
 venv:
 	@bash hack/venv.sh >/dev/null
@@ -45,6 +46,7 @@ crds: venv
 lint: venv
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy operator/finetune_operator trainer_image/finetune_trainer devenv/finetune_devenv bench
 	@$(VENV)/bin/lint-imports --no-cache  # layers in .importlinter
 
 test: venv k8s helm lint

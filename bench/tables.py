@@ -1,0 +1,324 @@
+"""Markdown sections of docs/benchmarks.md, one function per benchmark. Pure: results in, text out.
+
+Every figure is printed next to its ratio to the baseline measured in the same run; absolute times
+are labelled as figures of the machine named in the "Where the figures come from" table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+Result = dict[str, Any]
+TIMES = "x"  # ratios read "1.25x"
+DASH = "-"  # ranges read "91-100"
+NONE = "n/a"
+
+
+def num(value: float | None, digits: int = 1) -> str:
+    return NONE if value is None else f"{value:,.{digits}f}"
+
+
+def ratio(value: float | None) -> str:
+    return NONE if value is None else f"{value:.2f}{TIMES}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def sources(results: Sequence[Result]) -> str:
+    """Which run produced which file, on what machine, under what load."""
+    rows = []
+    for r in results:
+        m = r["machine"]
+        rows.append(
+            [
+                f"`{r['bench']}-{r['label']}`",
+                r["started"][:16].replace("T", " "),
+                f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']:g} GiB"
+                + (f", {m['gpu']}" if m.get("gpu") else ""),
+                f"{m['load_before']:.1f} → {m['load_after']:.1f}",
+                num(r["duration_s"] / 60, 1),
+                f"`{r['command']}`",
+            ]
+        )
+    header = ["result", "started (UTC)", "machine", "load avg (1 min)", "minutes", "command"]
+    return table(header, rows)
+
+
+# --------------------------------------------------------------------------------------- operator
+
+
+def _operator_rows(r: Result) -> list[list[str]]:
+    n = r["params"]["n"]
+    data = r["data"]
+    jobs_only = data.get("jobs-only", {}).get("jobs_s")
+    full = data.get("full", {})
+    rows = []
+    for phase, d in data.items():
+        if phase.startswith("operator-traced"):
+            continue  # tracemalloc slows it down: only its memory breakdown is of interest
+        status = d.get("status_s")
+        cpu = d.get("cpu_s", {})
+        rows.append(
+            [
+                str(n),
+                phase,
+                num(d["jobs_s"], 2),
+                ratio(d["jobs_s"] / jobs_only) if jobs_only else NONE,
+                ratio(d["jobs_s"] / full["jobs_s"]) if full.get("jobs_s") else NONE,
+                num(status, 2),
+                ratio(status / full["status_s"]) if status and full.get("status_s") else NONE,
+                f"{num(d['job_latency_s']['p50'], 2)} / {num(d['job_latency_s']['p99'], 2)}",
+                f"{num(d['status_latency_s']['p50'], 2)} / {num(d['status_latency_s']['p99'], 2)}"
+                if "status_latency_s" in d
+                else NONE,
+                num(d.get("operator_peak_rss_mib"), 0),
+                " / ".join(num(cpu.get(k), 1) for k in ("operator", "kube-apiserver", "etcd")),
+            ]
+        )
+    return rows
+
+
+def operator_table(runs: Sequence[Result]) -> str:
+    header = [
+        "N",
+        "phase",
+        "all Jobs exist (s)",
+        "\u00f7 jobs-only",
+        "\u00f7 full",
+        "all statuses (s)",
+        "\u00f7 full",
+        "Job latency p50 / p99 (s)",
+        "status latency p50 / p99 (s)",
+        "operator peak RSS (MiB)",
+        "CPU s: operator / apiserver / etcd",
+    ]
+    rows = [row for r in sorted(runs, key=lambda r: r["params"]["n"]) for row in _operator_rows(r)]
+    return table(header, rows)
+
+
+def operator_section(results: Sequence[Result]) -> str:
+    runs = sorted(results, key=lambda r: r["params"]["n"])
+    if not runs:
+        return "Not measured yet: run `python -m bench.operator_scale`."
+    return "\n".join([operator_table(runs), "", targets(runs), "", requests_per_job(runs[-1])])
+
+
+def targets(runs: Sequence[Result]) -> str:
+    """The issue's targets, checked against every N that has both the operator and a baseline."""
+    lines = [
+        f"Targets (issue 8): all Jobs within 1.5{TIMES} of the plain-client lower bound; operator peak "
+        "memory under 250 MB at 1000 jobs."
+    ]
+    for r in runs:
+        d = r["data"]
+        op = d.get("operator")
+        if not op:
+            continue
+        checks = []
+        for base in ("jobs-only", "full"):
+            if base in d:
+                value = op["jobs_s"] / d[base]["jobs_s"]
+                checks.append(f"{ratio(value)} of {base} ({'met' if value <= 1.5 else 'not met'})")
+        rss_mb = op.get("operator_peak_rss_mib", 0) * 1.048576
+        checks.append(f"peak RSS {num(rss_mb, 0)} MB ({'under' if rss_mb < 250 else 'over'} 250 MB)")
+        lines.append(f"- N = {r['params']['n']}: " + "; ".join(checks))
+    return "\n".join(lines)
+
+
+def requests_per_job(r: Result) -> str:
+    """API requests per FineTuneJob by verb and resource: where the operator's extra time goes."""
+    n = r["params"]["n"] + 1  # the warm-up item is counted too
+    phases = [p for p in ("operator", "full", "jobs-only") if p in r["data"]]
+    keys = sorted({k for p in phases for k, v in r["data"][p].get("requests", {}).items() if v >= n / 2})
+    rows = [[f"`{k}`", *(num(r["data"][p]["requests"].get(k, 0) / n, 2) for p in phases)] for k in keys]
+    totals = [
+        "**total**",
+        *(num(sum(r["data"][p]["requests"].get(k, 0) for k in keys) / n, 1) for p in phases),
+    ]
+    title = (
+        f"API requests per item at N = {r['params']['n']} (from the API server's `apiserver_request_total`, "
+        "all clients: the Job controller's pod creations and Job status writes are in every phase):"
+    )
+    return title + "\n\n" + table(["request", *phases], [*rows, totals])
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+_VARIANTS = [
+    ("copy", "copy", "plain copy + fsync"),
+    ("upload", "boto3-default", "boto3 defaults"),
+    ("upload", "ours", "ObjectStore"),
+    ("download", "boto3-default", "boto3 defaults"),
+    ("download", "ours", "ObjectStore"),
+]
+
+
+def settings_text(settings: dict[str, int]) -> str:
+    return (
+        f"{settings['multipart_chunksize_mib']} MiB parts (threshold {settings['multipart_threshold_mib']} "
+        f"MiB), {settings['max_concurrency']} threads per file, {settings['max_parallel_files']} files "
+        "at once"
+    )
+
+
+def checkpoints_section(r: Result) -> str:
+    p = r["params"]
+    head = (
+        f"**{r['label']}** ({p['reps']} repetitions; ObjectStore with {settings_text(p['settings'])}; "
+        f"data on {p['disk']['device']} ({p['disk']['type']}), not tmpfs)"
+    )
+    rows = []
+    for name, s in r["data"].items():
+        res = s["results"]
+        default = {d: res[f"{d}/boto3-default"]["mb_per_s"]["median"] for d in ("upload", "download")}
+        copy = res["copy"]["mb_per_s"]["median"]
+        for direction, variant, title in _VARIANTS:
+            key = "copy" if direction == "copy" else f"{direction}/{variant}"
+            rate = res[key]["mb_per_s"]
+            rows.append(
+                [
+                    f"{name} ({s['files']} files, {num(s['bytes'] / 1e9, 2)} GB)",
+                    direction,
+                    title,
+                    num(res[key]["seconds"]["median"], 2),
+                    f"{num(rate['median'], 0)} ({num(rate['min'], 0)}{DASH}{num(rate['max'], 0)})",
+                    ratio(rate["median"] / default[direction]) if direction != "copy" else NONE,
+                    ratio(rate["median"] / copy),
+                    f"{num(res[key].get('client_cpu_s'), 1)} / {num(res[key].get('server_cpu_s'), 1)}",
+                ]
+            )
+    header = [
+        "set",
+        "direction",
+        "how",
+        "median s",
+        f"MB/s median (min{DASH}max)",
+        "÷ boto3 defaults",
+        "÷ plain copy",
+        "CPU s: client / server",
+    ]
+    return head + "\n\n" + table(header, rows)
+
+
+def sweep_section(r: Result) -> str:
+    rows_in = r["data"]["rows"]
+    base = {(row["set"]): row for row in rows_in if row["axis"] == "baseline"}
+    rows = []
+    for row in rows_in:
+        if row["axis"] == "baseline":
+            continue
+        b = base[row["set"]]
+        s = row["settings"]
+        rows.append(
+            [
+                row["set"],
+                row["axis"],
+                str(s["multipart_chunksize_mib"]),
+                str(s["max_concurrency"]),
+                str(s["max_parallel_files"]),
+                num(row["upload_mb_s"], 0),
+                ratio(row["upload_mb_s"] / b["upload_mb_s"]),
+                num(row["download_mb_s"], 0),
+                ratio(row["download_mb_s"] / b["download_mb_s"]),
+            ]
+        )
+    header = [
+        "set",
+        "varied",
+        "part MiB",
+        "threads/file",
+        "files at once",
+        "upload MB/s",
+        "÷ boto3",
+        "download MB/s",
+        "÷ boto3",
+    ]
+    reps = r["params"].get("reps", 1)
+    lines = [
+        f"**Sweep, {r['label']}** ({reps} repetition(s) per point, medians; boto3 defaults: "
+        + ", ".join(
+            f"{k} up {num(v['upload_mb_s'], 0)} / down {num(v['download_mb_s'], 0)} MB/s"
+            for k, v in base.items()
+        )
+        + ")",
+        "",
+        table(header, rows),
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+
+def resume_section(r: Result, download_mb_s: float | None) -> str:
+    d = r["data"]
+    scratch = d["scratch"]["first_step_s"]
+    rows = []
+    for kind, title in (("scratch", "from scratch"), ("resume", "resumed from S3")):
+        s = d[kind]["first_step_s"]
+        rows.append(
+            [
+                title,
+                f"{d[kind]['first_logged_step']:.0f}",
+                f"{num(s['median'], 1)} ({num(s['min'], 1)}{DASH}{num(s['max'], 1)})",
+                ratio(s["median"] / scratch["median"]),
+            ]
+        )
+    text = (
+        f"{r['params']['model']}; checkpoint of {num(d['checkpoint_bytes'] / 1e3, 0)} kB; "
+        f"{r['params']['reps']} runs of each, alternating.\n\n"
+    )
+    text += table(
+        ["start", "first step", f"process start \u2192 first step, s median (min{DASH}max)", "÷ scratch"],
+        rows,
+    )
+    if download_mb_s:
+        extra = 2.7e9 / 1e6 / download_mb_s
+        resumed = d["resume"]["first_step_s"]["median"] + extra
+        text += (
+            f"\n\nDerived, not measured: a 70B r=16 checkpoint (2.7 GB) adds about {num(extra, 0)} s of "
+            f"download at the {num(download_mb_s, 0)} MB/s ObjectStore reached above, so on this machine "
+            f"a resume would reach its first step after about {num(resumed, 0)} s "
+            f"({ratio(resumed / scratch['median'])} of a start from scratch with the tiny model)."
+        )
+    return text
+
+
+# ---------------------------------------------------------------------------------- plan accuracy
+
+
+def plan_section(r: Result) -> str:
+    rows = []
+    for row in r["data"]["rows"]:
+        spec = row["spec"]
+        terms = sorted(row["terms_mib"].items(), key=lambda kv: -kv[1])[:2]
+        rows.append(
+            [
+                row["case"],
+                f"h {spec['h']}, {spec['L']} layers, vocab {spec['vocab']}",
+                spec["quantization"],
+                f"{spec['batch']} {TIMES} {spec['seq']}",
+                "yes" if spec["ckpt"] else "no",
+                num(row["estimate_mib"], 0),
+                num(row["measured_mib"], 0),
+                ratio(row["estimate_mib"] / row["measured_mib"]),
+                ", ".join(f"{k} {num(v, 0)}" for k, v in terms),
+            ]
+        )
+    header = [
+        "case",
+        "model",
+        "quantization",
+        "batch x tokens",
+        "grad. checkpointing",
+        "estimate (MiB)",
+        "measured peak (MiB)",
+        "estimate \u00f7 measured",
+        "largest terms (MiB)",
+    ]
+    return f"{r['params'].get('what', '')}\n\n" + table(header, rows)
