@@ -46,7 +46,7 @@ crds: venv
 lint: venv
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
-	@$(VENV)/bin/mypy operator/finetune_operator trainer_image/finetune_trainer devenv/finetune_devenv bench
+	@$(VENV)/bin/mypy operator/finetune_operator trainer_image/finetune_trainer devenv/finetune_devenv
 	@$(VENV)/bin/lint-imports --no-cache  # layers in .importlinter
 
 test: venv k8s helm lint
