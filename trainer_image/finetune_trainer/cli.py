@@ -8,10 +8,12 @@ python -m finetune_trainer validate DATA [--method sft|dpo] ...    check a datas
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from finetune_trainer.launch import DEFAULT_WORKDIR
 from finetune_trainer.runconfig import RUN_CONFIG_ENV
@@ -89,7 +91,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parsed.command == "worker":
         from finetune_trainer.train import worker_main
 
-        return worker_main(parsed.config, parsed.workdir)
+        _exit_at_once(worker_main(parsed.config, parsed.workdir))
     from finetune_trainer.launch import launcher_main
 
     return launcher_main(parsed.config, parsed.workdir)
+
+
+def _exit_at_once(code: int) -> NoReturn:
+    """End a worker without the interpreter's teardown.
+
+    By the time ``worker_main`` returns, the checkpoint is committed, the exit file and the last
+    progress report are written and the process group is gone; what is left is torch's and the
+    tokenizers' native teardown, which took 5-10 s on a preempted CPU worker: time taken from the
+    pod's grace period (and from every restart). Flush what Python buffered, then leave.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
