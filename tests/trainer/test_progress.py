@@ -4,6 +4,7 @@ token (a tiny local API server stand-in that checks what a real one checks), and
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 import subprocess
 import threading
@@ -178,6 +179,26 @@ def test_configmap_reporter_swallows_failures(api_server: FakeApiServer, sa_dir:
     messages = [r.getMessage() for r in caplog.records]
     assert any("answered 500" in m for m in messages) and any("failed" in m for m in messages)
     assert not any(TOKEN in m for m in messages), "the token never appears in logs"
+
+
+def test_a_failure_that_repeats_is_logged_once(api_server: FakeApiServer, sa_dir: Path, caplog: Any) -> None:
+    """After its FineTuneJob is deleted a pod still shutting down gets 403 on every report: one
+    warning, not one per report; and a word when it works again."""
+    reporter = ConfigMapReporter(
+        api_url=f"https://127.0.0.1:{api_server.port}",
+        namespace="team-a",
+        name="job-progress",
+        token_path=sa_dir / "token",
+        ca_path=sa_dir / "ca.crt",
+    )
+    caplog.set_level(logging.INFO, logger="finetune_trainer.progress")
+    api_server.fail_next = 3
+    for step in (1, 2, 3, 4):
+        reporter.report(report(step))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("answered 500" in m for m in messages) == 1, messages
+    assert sum("works again" in m for m in messages) == 1, messages
+    assert api_server.last_report()["step"] == 4
 
 
 def test_rate_limit_holds_back_the_newest_snapshot_only(tmp_path: Path) -> None:

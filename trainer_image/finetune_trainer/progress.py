@@ -99,6 +99,7 @@ class ConfigMapReporter:
         self.token_path = token_path
         self.timeout_s = timeout_s
         self._context = ssl.create_default_context(cafile=str(ca_path)) if ca_path else None
+        self._failing: str | None = None  # the failure last logged; repeats of it are not
 
     @classmethod
     def from_environment(
@@ -145,10 +146,20 @@ class ConfigMapReporter:
             with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._context) as reply:
                 reply.read()
         except urllib.error.HTTPError as exc:
-            detail = exc.read()[:300].decode(errors="replace")
-            log.warning("progress: PATCH %s answered %d: %s", self.url, exc.code, detail)
+            self._failed(f"answered {exc.code}", exc.read()[:300].decode(errors="replace"))
         except (OSError, ValueError) as exc:  # URLError, timeouts, TLS errors, unreadable token
-            log.warning("progress: PATCH %s failed: %s", self.url, exc)
+            self._failed(f"failed ({type(exc).__name__})", str(exc))
+        else:
+            if self._failing is not None:
+                log.info("progress: PATCH %s works again", self.url)
+            self._failing = None
+
+    def _failed(self, what: str, detail: str) -> None:
+        """Log a failure once, not on every report: after its FineTuneJob is deleted, a pod that is
+        still shutting down gets 403 on each report until it ends."""
+        if what != self._failing:
+            log.warning("progress: PATCH %s %s: %s (repeats not logged)", self.url, what, detail)
+        self._failing = what
 
     def close(self) -> None:
         pass
