@@ -9,6 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv k8s cluster cluster-down s3 s3-down crds lint test test-unit test-quick demo clean
 .PHONY: demo-down node-agent node-agent-down
 .PHONY: helm docs
+.PHONY: external-crds
 .PHONY: soak
 .PHONY: bench
 
@@ -21,6 +22,7 @@ help:
 	@echo "make cluster     start the local control plane (prints how to point kubectl at it)"
 	@echo "make demo-down   stop what make demo started"
 	@echo "make cluster-down / s3 / s3-down / node-agent / node-agent-down / crds / lint / helm / docs"
+	@echo "make external-crds  fetch the Prometheus Operator, Kueue and Argo CD CRDs the tests install"
 
 venv:
 	@bash hack/venv.sh >/dev/null
@@ -49,13 +51,13 @@ lint: venv
 	@$(VENV)/bin/mypy operator/finetune_operator trainer_image/finetune_trainer devenv/finetune_devenv
 	@$(VENV)/bin/lint-imports --no-cache  # layers in .importlinter
 
-test: venv k8s helm lint
+test: venv k8s helm external-crds lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv
 	@$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
-test-quick: venv k8s helm
+test-quick: venv k8s helm external-crds
 	@$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The reliability suites (tests/reliability) in their long form; `make test` runs their short form.
@@ -79,6 +81,11 @@ node-agent-down: venv
 # helm, built from the Go module proxy into ~/.cache/finetune-operator/helm-<version>/ (the chart tests use it).
 helm:
 	@bash hack/helm.sh >/dev/null
+
+# CRDs of Prometheus Operator, Kueue, Argo CD at pinned versions, from the Go module proxy into
+# ~/.cache/finetune-operator/external-crds-*/ (the chart and docs tests install them).
+external-crds:
+	@bash hack/external-crds.sh >/dev/null
 
 # The docs site (mkdocs.yml, docs/ -> site/); warnings fail the build.
 docs: venv

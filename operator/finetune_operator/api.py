@@ -326,11 +326,14 @@ class DistributedSpec(ApiModel):
 class CheckpointSpec(ApiModel):
     """Checkpoints: where, how often, how many."""
 
-    uri: str = Field(
+    uri: str | None = Field(
+        None,
         pattern=S3_OR_PVC,
         max_length=URI_MAX,
-        description="Prefix; checkpoints go to <uri>/<namespace>/<name>/step-<n>/. Fixed once the job "
-        "has started (resume reads from it).",
+        description="Prefix; checkpoints go to <uri>/<namespace>/<name>/step-<n>/. Unset: the platform's "
+        "default location (the operator's chart value defaults.checkpointUri); the job fails at start "
+        "when there is none. Fixed once the job has started (resume reads from it); status.checkpointsUri "
+        "shows the location in use.",
     )
     every_steps: int = Field(
         200, ge=1, le=10_000_000, description="Save every N optimiser steps (and on preemption)."
@@ -459,8 +462,10 @@ class FineTuneJobSpec(ApiModel):
                 ".distributed.offload",
             ),
             (
-                "self.checkpoints.uri != self.output.uri && self.checkpoints.uri + '/' != self.output.uri "
-                "&& self.checkpoints.uri != self.output.uri + '/'",
+                "!has(self.checkpoints) || !has(self.checkpoints.uri) "
+                "|| (self.checkpoints.uri != self.output.uri "
+                "&& self.checkpoints.uri + '/' != self.output.uri "
+                "&& self.checkpoints.uri != self.output.uri + '/')",
                 "output.uri must differ from checkpoints.uri: keep the trained adapter apart from "
                 "checkpoints that get pruned",
                 ".output.uri",
@@ -475,7 +480,7 @@ class FineTuneJobSpec(ApiModel):
     hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
-    checkpoints: CheckpointSpec
+    checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     output: OutputSpec
     storage: StorageSpec = Field(default_factory=StorageSpec)
     credentials: CredentialsSpec = Field(default_factory=CredentialsSpec)
@@ -599,6 +604,13 @@ class FineTuneJobStatus(ApiModel):
         description=f"Newest checkpoints, newest last (at most {MAX_STATUS_CHECKPOINTS}).",
     )
     output: OutputStatus = Field(default_factory=OutputStatus)
+    checkpoints_uri: str | None = Field(
+        None,
+        description="The checkpoint location in use: spec.checkpoints.uri, or the platform's default when "
+        "that is unset. Recorded when the first attempt is created and kept for the job's life, so a "
+        "later change of the platform default never moves a started job; checkpoints are under "
+        "<checkpointsUri>/<namespace>/<name>/.",
+    )
     start_time: datetime | None = Field(
         None, description="When the first attempt started; from then on the training spec is fixed."
     )

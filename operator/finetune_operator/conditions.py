@@ -68,7 +68,7 @@ TRAINER_ERROR = "TrainerError"
 # Failures that fail the FineTuneJob at once: the next attempt would fail the same way.
 INVALID_DATA = "InvalidData"
 INVALID_CONFIG = "InvalidConfig"
-MODEL_NOT_FOUND = "ModelNotFound"
+INPUT_UNREADABLE = "InputUnreadable"
 OUT_OF_MEMORY = "OutOfMemory"
 IMAGE_PULL_FAILED = "ImagePullFailed"
 CONTAINER_CONFIG_ERROR = "ContainerConfigError"

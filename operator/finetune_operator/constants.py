@@ -58,6 +58,8 @@ ANN_RESTARTS_COUNTED = f"{DOMAIN}/restarts-counted"
 ANN_RESTART_REASON = f"{DOMAIN}/restart-reason"
 ANN_CAUSE = f"{DOMAIN}/cause"
 ANN_RESUME_FROM = f"{DOMAIN}/resume-from"
+ANN_CHECKPOINTS_URI = f"{DOMAIN}/checkpoints-uri"
+"""The checkpoint location the attempt writes to: status.checkpointsUri survives a lost status write."""
 
 ANN_OWNER = f"{DOMAIN}/owner"
 """On training pods: the FineTuneJob's full name (labels are cut at 63 characters)."""

@@ -16,7 +16,7 @@ Crash safety rests on three rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -24,7 +24,12 @@ from finetune_operator import conditions as cond
 from finetune_operator.api import FINAL_PHASES, Condition, FineTuneJob, FineTuneJobStatus, RestartStatus
 from finetune_operator.observe import AttemptState, Observation, PodFacts
 from finetune_operator.progress import apply_report, newest_complete
-from finetune_operator.render import AttemptIntent, default_adapter_uri
+from finetune_operator.render import (
+    AttemptIntent,
+    default_adapter_uri,
+    no_checkpoint_location_message,
+    same_location,
+)
 from finetune_operator.settings import Settings
 from finetune_trainer.runconfig import ExitCode
 
@@ -102,7 +107,7 @@ DISRUPTIONS = {
 NON_RETRYABLE = {
     ExitCode.INVALID_DATA: cond.INVALID_DATA,
     ExitCode.INVALID_CONFIG: cond.INVALID_CONFIG,
-    ExitCode.MODEL_NOT_FOUND: cond.MODEL_NOT_FOUND,
+    ExitCode.INPUT_UNREADABLE: cond.INPUT_UNREADABLE,
 }
 
 OOM_ADVICE = (
@@ -214,6 +219,10 @@ def decide(job: FineTuneJob, obs: Observation, now: datetime, settings: Settings
             counted_towards_limit=newest.intent.restarts_counted,
             last_reason=newest.intent.last_restart_reason,
         )
+    if status.checkpoints_uri is None and attempt_no > 0:
+        # Lost with a status write, or a job started before the field existed: the Job knows.
+        recorded = newest.intent.checkpoints_uri if newest is not None else None
+        status.checkpoints_uri = recorded or job.spec.checkpoints.uri
     if status.start_time is None:
         started = [a.start_time for a in obs.attempts.values() if a.start_time is not None]
         status.start_time = min(started) if started else None
@@ -304,6 +313,10 @@ def _active(
         return
 
     if live is None:
+        problem = _choose_checkpoint_location(job, status, settings)
+        if problem:
+            draft.phase("Failed", cond.INVALID_SPEC, problem)
+            return
         _start_next(job, draft, now)
         return
 
@@ -346,6 +359,27 @@ def _active(
                 cond.INITIALIZING,
                 f"attempt {live.attempt}: {running}/{nodes} pod(s) running",
             )
+
+
+def _choose_checkpoint_location(
+    job: FineTuneJob, status: FineTuneJobStatus, settings: Settings
+) -> str | None:
+    """Fix ``status.checkpointsUri`` before the first attempt; what is wrong with it, if anything.
+
+    The API server checks ``spec.checkpoints.uri`` itself, but cannot see the platform default.
+    """
+    if status.checkpoints_uri is None:
+        status.checkpoints_uri = job.spec.checkpoints.uri or settings.default_checkpoint_uri
+    location = status.checkpoints_uri
+    if location is None:
+        return no_checkpoint_location_message()
+    if job.spec.checkpoints.uri is None and same_location(location, job.spec.output.uri):
+        return (
+            f"output.uri must differ from the platform's default checkpoint location {location} "
+            "(spec.checkpoints.uri is unset): keep the trained adapter apart from checkpoints that get "
+            "pruned; choose another output.uri or set spec.checkpoints.uri"
+        )
+    return None
 
 
 def _start_next(job: FineTuneJob, draft: _Draft, now: datetime) -> None:
@@ -424,6 +458,8 @@ def _after_failure(job: FineTuneJob, draft: _Draft, live: AttemptState, failure:
 
 
 def _create(job: FineTuneJob, draft: _Draft, intent: AttemptIntent) -> None:
+    location = draft.status.checkpoints_uri or job.spec.checkpoints.uri
+    intent = replace(intent, checkpoints_uri=location)
     draft.actions.append(CreateAttempt(intent))
     draft.status.attempt = intent.attempt
     draft.status.restarts = RestartStatus(

@@ -1,8 +1,10 @@
 """Method- and size-aware hyperparameter defaults.
 
-A value set in ``spec.hyperparameters`` always wins. What is left unset is chosen from the method
-and the model size, because one learning rate does not fit all: DPO moves a policy that is already
-good and learns about 40x slower than SFT, and LoRA on a 70B base wants half the rate of an 8B one.
+A value set in ``spec.hyperparameters`` always wins. Next come the platform's defaults for the
+method (``FTJ_DEFAULTS_SFT``/``FTJ_DEFAULTS_DPO``, chart values ``defaults.methods.*``). What is
+still unset is chosen from the method and the model size, because one learning rate does not fit
+all: DPO moves a policy that is already good and learns about 40x slower than SFT, and LoRA on a
+70B base wants half the rate of an 8B one.
 
 | method | size     | learning rate | epochs | warmup | tokens per micro-batch |
 |--------|----------|---------------|--------|--------|------------------------|
@@ -20,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from finetune_operator.api import FineTuneJobSpec
+from finetune_operator.api import FineTuneJobSpec, HyperparametersSpec
 from finetune_trainer.runconfig import Hyperparameters
 
 LARGE_MODEL_BILLIONS = 30.0
@@ -66,9 +68,25 @@ def _token_budget(size: float | None) -> int:
     return 4096
 
 
-def resolve_hyperparameters(spec: FineTuneJobSpec) -> Hyperparameters:
-    """The complete hyperparameters for the trainer: the spec's values, defaults for the rest."""
-    hp = spec.hyperparameters
+STEP_LIMITS = frozenset({"epochs", "max_steps"})
+"""One choice, not two fields: a job that sets either takes neither from the platform."""
+
+
+def merge_platform_defaults(spec: HyperparametersSpec, platform: HyperparametersSpec) -> HyperparametersSpec:
+    """The job's hyperparameters with what it leaves unset taken from the platform's defaults."""
+    own = spec.model_dump(exclude_none=True)
+    taken = {k: v for k, v in platform.model_dump(exclude_none=True).items() if k not in own}
+    if STEP_LIMITS & own.keys():
+        taken = {k: v for k, v in taken.items() if k not in STEP_LIMITS}
+    return HyperparametersSpec.model_validate({**taken, **own})
+
+
+def resolve_hyperparameters(
+    spec: FineTuneJobSpec, platform: HyperparametersSpec | None = None
+) -> Hyperparameters:
+    """The complete hyperparameters for the trainer: the spec's values, then the platform's defaults
+    for the method (``platform``), then the built-in method- and size-aware ones."""
+    hp = spec.hyperparameters if platform is None else merge_platform_defaults(spec.hyperparameters, platform)
     method = METHOD_DEFAULTS[spec.method]
     size = model_size_billions(spec)
     large = size is not None and size >= LARGE_MODEL_BILLIONS

@@ -30,7 +30,7 @@ Manifest = dict[str, Any]
 NON_RETRYABLE_EXIT_CODES = (
     rc.ExitCode.INVALID_DATA,
     rc.ExitCode.INVALID_CONFIG,
-    rc.ExitCode.MODEL_NOT_FOUND,
+    rc.ExitCode.INPUT_UNREADABLE,
 )
 
 
@@ -49,6 +49,8 @@ class AttemptIntent:
     cause: str | None = None
     """Why this attempt was created: None for the first, else a restart reason or ``Resumed``."""
     resume_from: str | None = None
+    checkpoints_uri: str | None = None
+    """The checkpoint location (``status.checkpointsUri``) this attempt writes to."""
 
     def annotations(self) -> dict[str, str]:
         out = {
@@ -59,6 +61,7 @@ class AttemptIntent:
             c.ANN_RESTART_REASON: self.last_restart_reason,
             c.ANN_CAUSE: self.cause,
             c.ANN_RESUME_FROM: self.resume_from,
+            c.ANN_CHECKPOINTS_URI: self.checkpoints_uri,
         }
         out.update({key: value for key, value in optional.items() if value})
         return out
@@ -78,6 +81,7 @@ class AttemptIntent:
             last_restart_reason=annotations.get(c.ANN_RESTART_REASON),
             cause=annotations.get(c.ANN_CAUSE),
             resume_from=annotations.get(c.ANN_RESUME_FROM),
+            checkpoints_uri=annotations.get(c.ANN_CHECKPOINTS_URI),
         )
 
 
@@ -135,10 +139,21 @@ def _labels(owner: str, component: str, attempt: int | None) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- run config
 
 
-def run_config(job: FineTuneJob, attempt: int, resume_from: str | None, settings: Settings) -> rc.RunConfig:
-    """The trainer's contract for one attempt."""
+def run_config(
+    job: FineTuneJob,
+    attempt: int,
+    resume_from: str | None,
+    settings: Settings,
+    checkpoints_uri: str | None = None,
+) -> rc.RunConfig:
+    """The trainer's contract for one attempt (checkpoints under ``checkpoints_uri``, by default the
+    job's :func:`checkpoints_uri`). The hyperparameters are complete: the effective values, visible
+    in the attempt's run-config ConfigMap."""
     namespace, name, uid = identity(job)
     spec = job.spec
+    base = checkpoints_uri or effective_checkpoints_uri(job, settings)
+    if base is None:
+        raise NoCheckpointLocation(no_checkpoint_location_message())
     targets = spec.adapter.target_modules
     return rc.RunConfig(
         job=rc.JobRef(namespace=namespace, name=name, uid=uid, attempt=attempt),
@@ -158,7 +173,7 @@ def run_config(job: FineTuneJob, attempt: int, resume_from: str | None, settings
             max_seq_length=spec.dataset.max_seq_length,
             packing=spec.dataset.packing,
         ),
-        hyperparameters=resolve_hyperparameters(spec),
+        hyperparameters=resolve_hyperparameters(spec, settings.method_defaults(spec.method)),
         distributed=rc.DistributedConfig(
             nodes=spec.resources.nodes,
             procs_per_node=procs_per_node(job),
@@ -167,7 +182,7 @@ def run_config(job: FineTuneJob, attempt: int, resume_from: str | None, settings
             master_port=settings.master_port,
         ),
         checkpoints=rc.CheckpointConfig(
-            uri=checkpoint_prefix(job),
+            uri=checkpoint_prefix(job, base),
             every_steps=spec.checkpoints.every_steps,
             keep=spec.checkpoints.keep,
             resume_from=resume_from,
@@ -183,9 +198,37 @@ def run_config(job: FineTuneJob, attempt: int, resume_from: str | None, settings
     )
 
 
-def checkpoint_prefix(job: FineTuneJob) -> str:
+class NoCheckpointLocation(ValueError):
+    """Neither the job nor the platform says where checkpoints go."""
+
+
+def no_checkpoint_location_message() -> str:
+    return (
+        "spec.checkpoints.uri is unset and the operator has no default checkpoint location: set "
+        "spec.checkpoints.uri (for example s3://bucket/checkpoints/), or ask the platform team to set "
+        "the chart value defaults.checkpointUri (environment variable FTJ_DEFAULT_CHECKPOINT_URI)"
+    )
+
+
+def effective_checkpoints_uri(job: FineTuneJob, settings: Settings | None = None) -> str | None:
+    """Where this job's checkpoints go (``status.checkpointsUri``): the location recorded at its first
+    start, else ``spec.checkpoints.uri``, else the platform's default; None when there is none."""
+    recorded = job.status.checkpoints_uri or job.spec.checkpoints.uri
+    return recorded or (settings.default_checkpoint_uri if settings else None)
+
+
+def checkpoint_prefix(job: FineTuneJob, base: str | None = None) -> str:
+    """``<base>/<namespace>/<name>/``; ``base`` defaults to the job's recorded or spec location."""
     namespace, name, _ = identity(job)
-    return f"{job.spec.checkpoints.uri.rstrip('/')}/{namespace}/{name}/"
+    base = base or effective_checkpoints_uri(job)
+    if base is None:
+        raise NoCheckpointLocation(no_checkpoint_location_message())
+    return f"{base.rstrip('/')}/{namespace}/{name}/"
+
+
+def same_location(a: str, b: str) -> bool:
+    """Two URI prefixes name the same place (a trailing slash aside), as the API's CEL rule judges."""
+    return a.rstrip("/") == b.rstrip("/")
 
 
 def default_adapter_uri(job: FineTuneJob) -> str:
@@ -255,7 +298,7 @@ def attempt_children(job: FineTuneJob, intent: AttemptIntent, settings: Settings
     """Service, run-config ConfigMap and Indexed Job of one attempt; the Job comes last."""
     _, name, _ = identity(job)
     attempt = intent.attempt
-    config = run_config(job, attempt, intent.resume_from, settings)
+    config = run_config(job, attempt, intent.resume_from, settings, intent.checkpoints_uri)
     service = {
         "apiVersion": "v1",
         "kind": "Service",

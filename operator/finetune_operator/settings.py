@@ -8,10 +8,16 @@ names the variable and what it expects when a value is wrong.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import pydantic
+
+from finetune_operator.api import HyperparametersSpec
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 DEFAULT_TRAINER_COMMAND = ("python", "-m", "finetune_trainer", "run")
@@ -50,6 +56,39 @@ class Settings:
     """FTJ_PROGRESS_MIN_INTERVAL_SECONDS: how often rank 0 may patch the progress ConfigMap."""
     max_workers: int = 8
     """FTJ_MAX_WORKERS: reconciles running at once (kopf's thread pool)."""
+    default_checkpoint_uri: str | None = None
+    """FTJ_DEFAULT_CHECKPOINT_URI (chart: defaults.checkpointUri): an s3:// prefix used when a
+    FineTuneJob sets no ``spec.checkpoints.uri``; recorded in the job's status at its first start."""
+    defaults_sft: HyperparametersSpec = dataclasses.field(default_factory=HyperparametersSpec, hash=False)
+    """FTJ_DEFAULTS_SFT (chart: defaults.methods.sft): JSON object of spec.hyperparameters fields
+    for method sft, between the job's own values and the built-in size-aware defaults."""
+    defaults_dpo: HyperparametersSpec = dataclasses.field(default_factory=HyperparametersSpec, hash=False)
+    """FTJ_DEFAULTS_DPO (chart: defaults.methods.dpo): the same for method dpo."""
+
+    def method_defaults(self, method: str) -> HyperparametersSpec:
+        """The platform's hyperparameter defaults for ``method`` (sft or dpo)."""
+        return self.defaults_dpo if method == "dpo" else self.defaults_sft
+
+
+CHART_VALUES = {
+    "default_checkpoint_uri": "defaults.checkpointUri",
+    "defaults_sft": "defaults.methods.sft",
+    "defaults_dpo": "defaults.methods.dpo",
+}
+"""Settings the chart sets from its ``defaults`` group; every other one is ``settings.<camelCase>``."""
+
+DEFAULT_CHECKPOINT_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?$")
+"""A platform-wide default must be a bucket: a pvc:// claim exists in one namespace only."""
+
+
+def chart_value(field_name: str) -> str:
+    """The chart value that sets a :class:`Settings` field (for error messages and the docs)."""
+    camel = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), field_name)
+    return CHART_VALUES.get(field_name, f"settings.{camel}")
+
+
+def env_var(field_name: str) -> str:
+    return f"FTJ_{field_name.upper()}"
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -58,20 +97,56 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     base = Settings()
     values: dict[str, object] = {}
     for field in dataclasses.fields(Settings):
-        var = f"FTJ_{field.name.upper()}"
+        var = env_var(field.name)
         raw = env.get(var)
         if raw is None or raw == "":
             continue
-        values[field.name] = _parse(var, raw, getattr(base, field.name))
+        where = f"{var} (chart value {chart_value(field.name)})"
+        values[field.name] = _parse(where, raw, getattr(base, field.name))
     settings = dataclasses.replace(base, **values)  # type: ignore[arg-type]
     if settings.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
         raise SettingsError(
             f"FTJ_IMAGE_PULL_POLICY={settings.image_pull_policy!r}: use Always, IfNotPresent or Never"
         )
+    uri = settings.default_checkpoint_uri
+    if uri is not None and not DEFAULT_CHECKPOINT_URI.match(uri):
+        raise SettingsError(
+            f"FTJ_DEFAULT_CHECKPOINT_URI (chart value defaults.checkpointUri)={uri!r}: "
+            "expected an s3://bucket/prefix/ URI"
+        )
+    for method in ("sft", "dpo"):
+        _check_method_defaults(method, settings.method_defaults(method))
     return settings
 
 
+def _check_method_defaults(method: str, hp: HyperparametersSpec) -> None:
+    """The cross-field rules the API server applies to spec.hyperparameters (CEL), for the defaults."""
+    where = f"{env_var('defaults_' + method)} (chart value defaults.methods.{method})"
+    if hp.epochs is not None and hp.max_steps is not None:
+        raise SettingsError(f"{where}: set either epochs or maxSteps, not both")
+    if method != "dpo" and hp.beta is not None:
+        raise SettingsError(f"{where}: beta applies to method dpo only; remove it")
+
+
+def _hyperparameters(where: str, raw: str) -> HyperparametersSpec:
+    try:
+        return HyperparametersSpec.model_validate(json.loads(raw))
+    except ValueError as err:  # json.JSONDecodeError and pydantic.ValidationError are ValueErrors
+        if isinstance(err, pydantic.ValidationError):
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(the value)'}: {e['msg']}" for e in err.errors()
+            )
+        else:
+            problems = f"not JSON ({err})"
+        raise SettingsError(
+            f"{where}: {problems}; expected a JSON object of spec.hyperparameters fields, "
+            'for example {"learningRate": 1e-4, "epochs": 2}'
+        ) from None
+
+
 def _parse(var: str, raw: str, default: object) -> object:
+    if isinstance(default, HyperparametersSpec):
+        return _hyperparameters(var, raw)
     try:
         if isinstance(default, tuple):
             parts = tuple(shlex.split(raw))

@@ -286,7 +286,6 @@ CASES: list[Invalid] = [
     _i("no-model", delete("spec.model"), "spec.model", "Required value"),
     _i("no-model-uri", delete("spec.model.uri"), "spec.model.uri", "Required value"),
     _i("no-train", delete("spec.dataset.train"), "spec.dataset.train", "Required value"),
-    _i("no-checkpoints", delete("spec.checkpoints"), "spec.checkpoints", "Required value"),
     _i("no-output-uri", delete("spec.output.uri"), "spec.output.uri", "Required value"),
     # -- cross-field rules
     _i(
@@ -499,6 +498,7 @@ CASES: list[Invalid] = [
     _started("changed-nodes", set_("spec.resources.nodes", 2), "spec.resources"),
     _started("changed-zero-stage", set_("spec.distributed.zeroStage", 2), "spec.distributed"),
     _started("changed-checkpoint-uri", set_("spec.checkpoints.uri", "s3://ckpt2/"), "spec.checkpoints.uri"),
+    _started("removed-checkpoint-uri", delete("spec.checkpoints.uri"), "spec.checkpoints.uri"),
     _started(
         "changed-queue-while-running",
         set_("spec.runPolicy.queueName", "team-b"),

@@ -140,6 +140,26 @@ def test_training_spec_is_editable_until_the_job_starts(kubectl: Kubectl, namesp
     assert _get(kubectl, namespace, "pending")["spec"]["resources"]["nodes"] == 2
 
 
+def test_checkpoint_uri_may_be_left_to_the_platform_but_not_set_after_start(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    """Unset ``checkpoints.uri``: the operator's default applies; the other checkpoint fields still do."""
+    manifest = base_manifest("platform-ckpt")
+    del manifest["spec"]["checkpoints"]
+    manifest["spec"]["output"]["uri"] = "s3://ckpt"  # the CEL rule compares only a uri the job sets
+    assert _apply(kubectl, namespace, manifest).returncode == 0
+    stored = _get(kubectl, namespace, "platform-ckpt")["spec"]["checkpoints"]
+    assert stored == {"everySteps": 200, "keep": 3}, "the models' defaults, no uri"
+
+    _start(kubectl, namespace, "platform-ckpt")
+    manifest["spec"]["checkpoints"] = {"uri": "s3://ckpt2/"}
+    refused = _apply(kubectl, namespace, manifest)
+
+    assert _names(refused.stderr, "spec.checkpoints.uri", "cannot change once the job has started"), (
+        refused.stderr
+    )
+
+
 def test_status_is_validated_and_cannot_change_the_spec(kubectl: Kubectl, namespace: str) -> None:
     assert _apply(kubectl, namespace, base_manifest("st")).returncode == 0
     patch = ["patch", "ftj", "st", "-n", namespace, "--subresource=status", "--type=merge", "-p"]

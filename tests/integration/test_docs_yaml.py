@@ -5,13 +5,15 @@ real API server.
   read back: what the docs wrote is what the API server stored.
 - Blocks whose first line is ``# helm values`` are rendered with the chart and the result goes
   through the API server's dry run.
-- Kinds whose CRDs the test cluster does not have (Kueue, Argo CD) are not applied; each is listed
-  below with the reason, and only its API version and name are checked.
+- Kueue, Argo CD and Prometheus Operator objects too: their projects' CRDs, at pinned versions, are
+  installed first (tests/fixtures/external_crds.py). Cluster-scoped objects (Kueue's ResourceFlavor
+  and ClusterQueue) keep their names and are deleted after the test.
 - Anything else fails: a YAML block in the docs must be one of the above.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import pytest
 import yaml
 
 from finetune_devenv.kubectl import Cluster
+from tests.fixtures.external_crds import KINDS, install_external_crds
 from tests.support.helm import CHART, helm, install_crds, value_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -30,14 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 HELM_VALUES_MARK = "# helm values"
 
-NOT_APPLIED: dict[tuple[str, str], str] = {
-    ("kueue.x-k8s.io/v1beta1", "ResourceFlavor"): "Kueue's CRDs are not installed in the test cluster",
-    ("kueue.x-k8s.io/v1beta1", "ClusterQueue"): "Kueue's CRDs are not installed in the test cluster",
-    ("kueue.x-k8s.io/v1beta1", "LocalQueue"): "Kueue's CRDs are not installed in the test cluster",
-    ("argoproj.io/v1alpha1", "Application"): "Argo CD's CRDs are not installed in the test cluster",
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): "the Prometheus Operator's CRDs are not installed",
-}
-"""(apiVersion, kind) -> why the docs' object is not applied here."""
+CLUSTER_SCOPED = {"ResourceFlavor", "ClusterQueue"}
+"""Kinds of docs objects that live outside namespaces (a test asserts the API server agrees)."""
 
 
 @dataclass(frozen=True)
@@ -89,14 +86,16 @@ def contains(stored: Any, written: Any) -> bool:
 
 def apply_for_real(cluster: Cluster, namespace: str, docs: list[dict[str, Any]]) -> None:
     for doc in docs:
-        doc["metadata"]["namespace"] = namespace
+        if doc["kind"] in CLUSTER_SCOPED:
+            doc["metadata"].pop("namespace", None)
+        else:
+            doc["metadata"]["namespace"] = namespace
     done = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs))
     assert done.returncode == 0, done.stderr
     for doc in docs:
         kind, name = doc["kind"], doc["metadata"]["name"]
-        stored = json.loads(
-            cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=True).stdout
-        )
+        where = () if kind in CLUSTER_SCOPED else ("-n", namespace)
+        stored = json.loads(cluster.kubectl("get", kind, name, *where, "-o", "json", check=True).stdout)
         for field in ("spec", "data", "type"):  # a Secret's stringData is stored as data, encoded
             if field in doc:
                 assert contains(stored.get(field), doc[field]), f"{kind} {name}: {field} stored differently"
@@ -109,9 +108,8 @@ def dry_run_chart(
         values = {**values, "watchNamespaces": extra}
     done = helm("template", "docs", str(CHART), f"--namespace={namespace}", *value_args(values, [], tmp))
     docs = [d for d in yaml.safe_load_all(done.stdout) if d]
-    checked = [d for d in docs if (d["apiVersion"], d["kind"]) not in NOT_APPLIED]
     applied = cluster.kubectl(
-        "apply", "--dry-run=server", "--server-side", "-f", "-", input=yaml.safe_dump_all(checked)
+        "apply", "--dry-run=server", "--server-side", "-f", "-", input=yaml.safe_dump_all(docs)
     )
     assert applied.returncode == 0, applied.stderr
 
@@ -145,6 +143,43 @@ def test_argocd_config_map_carries_the_tested_health_check() -> None:
 @pytest.fixture(scope="module")
 def chart_crds(cluster: Cluster) -> None:
     install_crds(cluster)
+    install_external_crds(cluster)
+
+
+def test_the_cluster_scoped_kinds_are_the_api_servers(cluster: Cluster, chart_crds: None) -> None:
+    listed = cluster.kubectl("api-resources", "--namespaced=false", "--no-headers", check=True).stdout
+    cluster_scoped = {line.split()[-1] for line in listed.splitlines() if line.strip()}
+    used = {d["kind"] for s in SOURCES if not s.text.startswith(HELM_VALUES_MARK) for d in s.documents()}
+    assert used & cluster_scoped == CLUSTER_SCOPED
+
+
+def external_objects() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (s.where, d)
+        for s in SOURCES
+        if not s.text.startswith(HELM_VALUES_MARK)
+        for d in s.documents()
+        if (d.get("apiVersion"), d.get("kind")) in KINDS
+    ]
+
+
+@pytest.mark.parametrize(
+    ("where", "doc"), external_objects(), ids=lambda v: v if isinstance(v, str) else v["kind"]
+)
+def test_integration_objects_meet_their_real_schemas(
+    where: str, doc: dict[str, Any], cluster: Cluster, chart_crds: None, namespace: str
+) -> None:
+    """Kueue's and Argo CD's schemas are really checked: the docs' object with a misspelt field is refused."""
+    broken = copy.deepcopy(doc)
+    if doc["kind"] in CLUSTER_SCOPED:
+        broken["metadata"].pop("namespace", None)
+    else:
+        broken["metadata"]["namespace"] = namespace
+    broken["spec"]["notAField"] = 1
+    refused = cluster.kubectl(
+        "create", "--dry-run=server", "--validate=strict", "-f", "-", input=json.dumps(broken)
+    )
+    assert refused.returncode != 0 and "notAField" in refused.stderr, f"{where}: {refused.stderr}"
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=[s.where for s in SOURCES])
@@ -172,12 +207,11 @@ def test_docs_yaml_is_accepted_by_the_api_server(
             f"{source.where}: neither a Kubernetes manifest nor marked '{HELM_VALUES_MARK}'"
         )
         assert doc.get("metadata", {}).get("name"), f"{source.where}: {doc['kind']} has no name"
-    for doc in docs:
-        if doc["kind"] not in {k for _, k in NOT_APPLIED}:
-            continue
-        assert (doc["apiVersion"], doc["kind"]) in NOT_APPLIED, (
-            f"{source.where}: unexpected {doc['apiVersion']}"
-        )
-    real = [d for d in docs if (d["apiVersion"], d["kind"]) not in NOT_APPLIED]
-    if real:
-        apply_for_real(cluster, namespace, real)
+    try:
+        apply_for_real(cluster, namespace, docs)
+    finally:
+        for doc in docs:
+            if doc["kind"] in CLUSTER_SCOPED:
+                cluster.kubectl(
+                    "delete", doc["kind"], doc["metadata"]["name"], "--ignore-not-found", "--wait=false"
+                )

@@ -28,18 +28,15 @@ import yaml
 
 from finetune_devenv import _proc
 from finetune_devenv.kubectl import Cluster
+from finetune_trainer.runconfig import RUN_CONFIG_FILE, RunConfig
+from tests.fixtures.external_crds import install_external_crds
 from tests.support.builders import make_job
 from tests.support.helm import CHART, CI_VALUES, helm, install_crds, value_args
+from tests.support.kubelet import Kubelet
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-
-NOT_APPLIED = {
-    "ServiceMonitor": "the Prometheus Operator's CRDs are not in the local control plane; "
-    "tests/unit/test_chart.py checks its selector and port against the Service",
-}
-"""Kinds the dry run cannot check here, and why."""
 
 RBAC_DENIED = re.compile(r'is forbidden: User "system:serviceaccount:|Not enough permissions')
 """An RBAC refusal (the API server's message) or kopf's warning when a list/watch was refused."""
@@ -60,6 +57,12 @@ def kubeconfig_env(cluster: Cluster) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def chart_crds(cluster: Cluster) -> None:
     install_crds(cluster)
+
+
+@pytest.fixture(scope="module")
+def integration_crds(cluster: Cluster) -> None:
+    """The Prometheus Operator's CRDs (and Kueue's, Argo CD's): the optional ServiceMonitor is checked too."""
+    install_external_crds(cluster)
 
 
 @pytest.fixture
@@ -93,6 +96,13 @@ class Release:
             "install", self.name, str(CHART), f"--namespace={namespace}", *args, env=kubeconfig_env(cluster)
         )
         self.install_output = done.stdout + done.stderr
+        self.tmp = tmp
+
+    def upgrade(self, values: dict[str, Any]) -> None:
+        """``helm upgrade`` with these values (not reusing the old ones)."""
+        args = value_args(values, [], self.tmp)
+        helm("upgrade", self.name, str(CHART), f"--namespace={self.namespace}", *args,
+             env=kubeconfig_env(self.cluster))  # fmt: skip
 
     def deployment(self) -> dict[str, Any]:
         found: dict[str, Any] = kube_json(
@@ -307,22 +317,43 @@ def chart_docs(release_ns: str, tmp: Path, values_file: Path, values: dict[str, 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.name)
 def test_every_rendered_manifest_passes_the_api_servers_dry_run(
-    values_file: Path, cluster: Cluster, chart_crds: None, new_namespace: Callable[..., str], tmp_path: Path
+    values_file: Path,
+    cluster: Cluster,
+    chart_crds: None,
+    integration_crds: None,
+    new_namespace: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     release_ns = new_namespace("ftj-sys")
     values: dict[str, Any] = {}
     if (yaml.safe_load(values_file.read_text()) or {}).get("watchNamespaces"):
         values["watchNamespaces"] = [new_namespace("team-a"), new_namespace("team-b")]
     docs = chart_docs(release_ns, tmp_path, values_file, values)
-    checked = [d for d in docs if d["kind"] not in NOT_APPLIED]
-    skipped = {d["kind"] for d in docs} - {d["kind"] for d in checked}
-    assert skipped <= NOT_APPLIED.keys()
     done = cluster.kubectl(
-        "apply", "--dry-run=server", "--server-side", "-f", "-", input=yaml.safe_dump_all(checked)
+        "apply", "--dry-run=server", "--server-side", "-f", "-", input=yaml.safe_dump_all(docs)
     )
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stderr, done.stderr
-    assert len([line for line in done.stdout.splitlines() if "(server dry run)" in line]) == len(checked)
+    assert len([line for line in done.stdout.splitlines() if "(server dry run)" in line]) == len(docs)
+
+
+def test_the_service_monitor_meets_the_prometheus_operators_schema(
+    cluster: Cluster, integration_crds: None, new_namespace: Callable[..., str], tmp_path: Path
+) -> None:
+    """The real CRD checks the chart's ServiceMonitor, and would refuse a broken one."""
+    release_ns = new_namespace("ftj-sys")
+    values = {"metrics": {"serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "p"}}}}
+    (monitor,) = [
+        d
+        for d in chart_docs(release_ns, tmp_path, CHART / "values.yaml", values)
+        if d["kind"] == "ServiceMonitor"
+    ]
+    done = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(monitor))
+    assert done.returncode == 0, done.stderr
+
+    monitor["spec"]["endpoints"][0]["interval"] = "every 15 seconds"  # not a Prometheus duration
+    refused = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(monitor))
+    assert refused.returncode != 0 and "spec.endpoints[0].interval" in refused.stderr, refused.stderr
 
 
 def test_deployment_meets_restricted_pod_security(
@@ -429,3 +460,115 @@ def test_two_replicas_one_works_the_other_takes_over(
     for operator in (first, second):
         assert not operator.denied(), operator.denied()
         assert not operator.errors(), operator.errors()
+
+
+# ------------------------------------------------------------------------ defaults for jobs
+
+
+PLATFORM_DEFAULTS = {
+    "checkpointUri": "s3://platform-checkpoints/",
+    "methods": {"sft": {"learningRate": 1.0e-4, "epochs": 2}, "dpo": {"beta": 0.25}},
+}
+
+
+def create_job_without_checkpoint_uri(cluster: Cluster, namespace: str, name: str) -> None:
+    manifest = make_job(name, namespace).manifest()
+    del manifest["spec"]["checkpoints"]
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest), check=True)
+
+
+def run_config_of(cluster: Cluster, namespace: str, name: str, attempt: int) -> RunConfig:
+    config_map = wait_for(
+        f"{name} attempt {attempt} run config",
+        functools.partial(
+            kube_json, cluster, "get", "configmap", f"{name}-a{attempt}-config", "-n", namespace
+        ),
+    )
+    return RunConfig.model_validate_json(config_map["data"][RUN_CONFIG_FILE])
+
+
+def test_a_job_without_checkpoint_uri_trains_under_the_platform_default_which_stays_put(
+    cluster: Cluster,
+    kube_api: Any,
+    namespace: str,
+    install: Callable[..., Release],
+    local_operators: Callable[[Release, str], LocalOperator],
+    new_namespace: Callable[..., str],
+) -> None:
+    """defaults.* in the chart -> FTJ_* on the Deployment -> the operator -> the job's run config.
+
+    Then the platform moves its default (helm upgrade, a new operator replica): the started job keeps
+    its location across a restart, a new job gets the new one.
+    """
+    values: dict[str, Any] = {
+        "watchNamespaces": [namespace],
+        "replicaCount": 1,
+        "defaults": PLATFORM_DEFAULTS,
+    }
+    release = install(new_namespace("ftj-sys"), values)
+    operator = local_operators(release, f"{release.fullname}-0").start()
+    create_job_without_checkpoint_uri(cluster, namespace, "old")
+
+    status = reconciled(cluster, namespace, "old")
+    assert status["checkpointsUri"] == "s3://platform-checkpoints/"
+    config = run_config_of(cluster, namespace, "old", 1)
+    assert config.checkpoints.uri == f"s3://platform-checkpoints/{namespace}/old/"
+    assert (config.hyperparameters.learning_rate, config.hyperparameters.epochs) == (1e-4, 2.0)
+    assert config.hyperparameters.lr_scheduler == "cosine", "unset by job and platform: built-in"
+    kubelet = Kubelet(kube_api, namespace)
+    (pod,) = kubelet.wait_pods("old-a1", 1)
+    kubelet.run(pod)
+
+    operator.stop()
+    release.upgrade({**values, "defaults": {**PLATFORM_DEFAULTS, "checkpointUri": "s3://new-bucket/"}})
+    upgraded = local_operators(release, f"{release.fullname}-1").start()
+    assert upgraded.env["FTJ_DEFAULT_CHECKPOINT_URI"] == "s3://new-bucket/"
+    kubelet.fail(pod, 1, "NCCL timeout")  # a counted restart: attempt 2 resumes where attempt 1 wrote
+
+    assert (
+        run_config_of(cluster, namespace, "old", 2).checkpoints.uri
+        == f"s3://platform-checkpoints/{namespace}/old/"
+    )
+    (pod,) = kubelet.wait_pods("old-a2", 1)
+    kubelet.run(pod)
+    kubelet.succeed(pod)
+    wait_for("old Succeeded", lambda: (kube_json(cluster, "get", "finetunejob", "old", "-n", namespace) or {})
+             .get("status", {}).get("phase") == "Succeeded")  # fmt: skip
+    final = kube_json(cluster, "get", "finetunejob", "old", "-n", namespace)["status"]
+    assert final["checkpointsUri"] == "s3://platform-checkpoints/"
+
+    create_job_without_checkpoint_uri(cluster, namespace, "new")
+    assert reconciled(cluster, namespace, "new")["checkpointsUri"] == "s3://new-bucket/"
+    assert run_config_of(cluster, namespace, "new", 1).checkpoints.uri == f"s3://new-bucket/{namespace}/new/"
+    upgraded.stop()
+    for replica in (operator, upgraded):
+        assert not replica.denied() and not replica.errors(), replica.errors()
+
+
+def test_without_a_platform_default_a_job_without_checkpoint_uri_fails_saying_what_to_set(
+    cluster: Cluster,
+    namespace: str,
+    install: Callable[..., Release],
+    local_operators: Callable[[Release, str], LocalOperator],
+    new_namespace: Callable[..., str],
+) -> None:
+    release = install(new_namespace("ftj-sys"), {"watchNamespaces": [namespace], "replicaCount": 1})
+    operator = local_operators(release, f"{release.fullname}-0").start()
+    create_job_without_checkpoint_uri(cluster, namespace, "nowhere")
+
+    def failed() -> dict[str, Any] | None:
+        found: dict[str, Any] = (
+            kube_json(cluster, "get", "finetunejob", "nowhere", "-n", namespace) or {}
+        ).get("status") or {}
+        return found if found.get("phase") == "Failed" else None
+
+    status = wait_for("nowhere Failed", failed)
+    assert status["reason"] == "InvalidSpec"
+    assert "spec.checkpoints.uri" in status["message"] and "defaults.checkpointUri" in status["message"]
+    assert not kube_json(cluster, "get", "job", "nowhere-a1", "-n", namespace), "no attempt may start"
+    events = kube_json(
+        cluster, "get", "events", "-n", namespace, "--field-selector=involvedObject.name=nowhere"
+    )
+    assert any(e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events["items"])
+    operator.stop()
+    assert not operator.denied() and not operator.errors(), operator.errors()

@@ -206,7 +206,7 @@ def test_validate_cli(tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "tokens, longer than maxSeqLength 16" in out and "estimated" not in out
 
-    assert validate_main([str(DATA / "nope.jsonl")]) == ExitCode.MODEL_NOT_FOUND
+    assert validate_main([str(DATA / "nope.jsonl")]) == ExitCode.INPUT_UNREADABLE
     assert "not found" in capsys.readouterr().err
     assert validate_main([chat, "--eval-fraction", "1.5"]) == ExitCode.INVALID_CONFIG
 
@@ -223,7 +223,7 @@ def test_hub_dataset_offline_says_what_to_do(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert done.returncode == ExitCode.MODEL_NOT_FOUND, done.stderr
+    assert done.returncode == ExitCode.INPUT_UNREADABLE, done.stderr
     assert "cannot load hf://no-org/no-such-dataset@main from the Hugging Face Hub" in done.stderr
     assert "HF_HUB_OFFLINE is set, so only datasets in the local cache load" in done.stderr
     assert "Copy the data to s3:// or a PVC as JSONL" in done.stderr

@@ -7,6 +7,7 @@ reconcile under the chart's ServiceAccount) is in tests/integration/test_helm.py
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import yaml
 
 from finetune_operator import settings as settings_mod
 from finetune_operator.__main__ import parse_args
+from finetune_operator.api import HyperparametersSpec
 from tests.support.helm import CHART, CI_VALUES, ROOT, find, helm, one, render, value_args
 
 pytestmark = pytest.mark.unit
@@ -238,12 +240,22 @@ def test_image_tag_defaults_to_app_version_and_digest_wins(tmp_path: Path) -> No
 # ------------------------------------------------------------------------------------- settings
 
 
+def chart_value_paths(values: Any, prefix: str = "") -> set[str]:
+    """Dotted paths of the leaves of ``values`` (a map of method defaults counts as one leaf)."""
+    if not isinstance(values, dict) or (prefix.startswith("defaults.methods.") and prefix.count(".") == 3):
+        return {prefix}
+    return {p for key, value in values.items() for p in chart_value_paths(value, f"{prefix}{key}.")}
+
+
 def test_every_operator_setting_is_a_chart_value_and_back(tmp_path: Path) -> None:
-    """values.settings <-> finetune_operator.settings.Settings: no setting missing, none invented."""
+    """values.settings + values.defaults <-> Settings: no setting missing, none invented."""
     fields = {f.name for f in dataclasses.fields(settings_mod.Settings)}
-    values = yaml.safe_load((CHART / "values.yaml").read_text())["settings"]
-    as_fields = {re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower() for key in values}
-    assert as_fields == fields, f"chart only: {as_fields - fields}; operator only: {fields - as_fields}"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    in_chart = {p.rstrip(".") for p in chart_value_paths({k: values[k] for k in ("settings", "defaults")})}
+    in_operator = {settings_mod.chart_value(f) for f in fields}
+    assert in_chart == in_operator, (
+        f"chart only: {in_chart - in_operator}; operator only: {in_operator - in_chart}"
+    )
 
     env = {
         e["name"]: e["value"] for e in container(render(tmp_path, files=[ci("full")]))["env"] if "value" in e
@@ -255,12 +267,26 @@ def test_every_operator_setting_is_a_chart_value_and_back(tmp_path: Path) -> Non
     assert parsed.default_s3_endpoint == "https://minio.storage.svc:9000"
     assert parsed.progress_min_interval_seconds == 5.0
     assert parsed.trainer_command == ("python", "-m", "finetune_trainer", "run")
+    assert parsed.default_checkpoint_uri == "s3://platform-checkpoints/finetune/"
+    assert parsed.method_defaults("sft") == HyperparametersSpec(
+        learning_rate=1e-4, epochs=2, lr_scheduler="linear"
+    )
+    assert parsed.method_defaults("dpo") == HyperparametersSpec(beta=0.2, max_steps=500)
+
+
+def test_operations_docs_list_every_setting_with_its_chart_value() -> None:
+    """docs/operations.md's settings table: one row per Settings field, chart value -> variable."""
+    page = (ROOT / "docs" / "operations.md").read_text()
+    rows = re.findall(r"^\| `([a-zA-Z0-9.]+)` \| `(FTJ_[A-Z0-9_]+)` \|", page, re.MULTILINE)
+    fields = [f.name for f in dataclasses.fields(settings_mod.Settings)]
+    assert sorted(rows) == sorted((settings_mod.chart_value(f), settings_mod.env_var(f)) for f in fields)
 
 
 def test_empty_settings_leave_the_operators_defaults(tmp_path: Path) -> None:
     env = container(render(tmp_path))["env"]
     names = {e["name"] for e in env}
     assert "FTJ_DEFAULT_S3_ENDPOINT" not in names and "FTJ_TRAINER_COMMAND" not in names
+    assert not names & {"FTJ_DEFAULT_CHECKPOINT_URI", "FTJ_DEFAULTS_SFT", "FTJ_DEFAULTS_DPO"}
     assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in env
 
 
@@ -317,6 +343,15 @@ def test_network_policy_allows_metrics_dns_and_the_api_server_only(tmp_path: Pat
         ({"networkPolicy": {"apiServer": {"cidrs": ["kubernetes.default"]}}}, "cidrs"),
         ({"resources": {"limits": {"memory": "lots"}}}, "memory"),
         ({"replicas": 3}, "replicas"),
+        ({"defaults": {"checkpointUri": "gs://bucket/"}}, "checkpointUri"),
+        ({"defaults": {"checkpointUri": "pvc://claim/ckpt/"}}, "checkpointUri"),
+        ({"defaults": {"methods": {"sft": "learningRate=1e-4"}}}, "/defaults/methods/sft"),
+        ({"defaults": {"methods": {"sft": {"learningRate": "high"}}}}, "learningRate"),
+        ({"defaults": {"methods": {"sft": {"learningRate": 2}}}}, "learningRate"),
+        ({"defaults": {"methods": {"sft": {"learning_rate": 1e-4}}}}, "learning_rate"),
+        ({"defaults": {"methods": {"sft": {"beta": 0.1}}}}, "/defaults/methods/sft"),
+        ({"defaults": {"methods": {"dpo": {"epochs": 1, "maxSteps": 5}}}}, "/defaults/methods/dpo"),
+        ({"defaults": {"methods": {"orpo": {}}}}, "orpo"),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str, tmp_path: Path) -> None:
@@ -324,6 +359,24 @@ def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str, tmp_p
     assert done.returncode != 0, f"accepted {values}"
     assert "values don't meet the specifications of the schema" in done.stderr, done.stderr
     assert complaint in done.stderr, done.stderr
+
+
+def test_method_defaults_schema_is_the_apis_hyperparameters_schema() -> None:
+    """values.schema.json's definitions.hyperparameters = the CRD's spec.hyperparameters (draft-07 bounds)."""
+    crd = yaml.safe_load((ROOT / "crds" / "finetunejobs.finetune.dev.yaml").read_text())
+    api_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    expected = {}
+    for name, node in api_schema["hyperparameters"]["properties"].items():
+        node = dict(node)
+        for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if node.pop(bound, False):
+                node[bound] = node.pop(limit)
+        expected[name] = node
+    chart = json.loads((CHART / "values.schema.json").read_text())["definitions"]["hyperparameters"]
+    assert chart["properties"] == expected, "copy the CRD's hyperparameters into values.schema.json:\n" + (
+        json.dumps(expected, indent=2)
+    )
+    assert chart["additionalProperties"] is False
 
 
 def test_peering_priority_prefers_the_oldest_replica() -> None:

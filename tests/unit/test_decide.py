@@ -1,4 +1,4 @@
-"""The state machine (finetune_operator.decide) and the glue around it (finetune_operator.reconcile).
+"""The state machine (finetune_operator.decide); the glue around it is in test_reconcile.py.
 
 Each test builds the world as the API server would show it (a FineTuneJob with a status, its Jobs,
 pods and progress ConfigMap), runs ``observe`` + ``decide`` at a fixed time, and checks the next
@@ -7,9 +7,6 @@ status, the actions in order and the events.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import pytest
@@ -23,9 +20,8 @@ from finetune_operator.decide import (
     DeleteFineTuneJob,
     decide,
 )
-from finetune_operator.k8s import Conflict, Refused
 from finetune_operator.observe import Children, observe
-from finetune_operator.reconcile import Reconciler, dump_status
+from finetune_operator.reconcile import dump_status
 from finetune_operator.render import AttemptIntent
 from finetune_operator.settings import Settings
 from tests.support.builders import (
@@ -42,6 +38,8 @@ from tests.support.builders import (
 pytestmark = pytest.mark.unit
 
 SETTINGS = Settings(start_failure_grace_seconds=120)
+CKPT_URI = "s3://ckpt/"
+"""spec.checkpoints.uri of make_job()."""
 CKPT_100 = {"step": 100, "uri": "s3://ckpt/default/a/step-000000100/", "complete": True, "time": ts(50)}
 CKPT_200 = {"step": 200, "uri": "s3://ckpt/default/a/step-000000200/", "complete": True, "time": ts(90)}
 
@@ -87,7 +85,10 @@ def condition(decision: Decision, type_: str) -> tuple[str, str]:
 
 def test_new_job_creates_its_identity_and_attempt_one() -> None:
     d = world(make_job("a"), setup=False, now=0)
-    assert d.actions == (CreateJobChildren(), CreateAttempt(AttemptIntent(attempt=1)))
+    assert d.actions == (
+        CreateJobChildren(),
+        CreateAttempt(AttemptIntent(attempt=1, checkpoints_uri=CKPT_URI)),
+    )
     assert (d.status.phase, d.status.reason, d.status.attempt) == ("Initializing", cond.INITIALIZING, 1)
     assert d.status.start_time == at(0)
     assert condition(d, cond.RECONCILING) == ("True", cond.INITIALIZING)
@@ -99,7 +100,7 @@ def test_new_job_creates_its_identity_and_attempt_one() -> None:
 
 def test_new_job_with_a_queue_is_queued() -> None:
     d = world(make_job("a").queue("team-a"), now=0)
-    assert created(d) == [AttemptIntent(attempt=1)]
+    assert created(d) == [AttemptIntent(attempt=1, checkpoints_uri=CKPT_URI)]
     assert (d.status.phase, d.status.reason) == ("Queued", cond.QUEUED)
     assert d.status.start_time is None  # the deadline clock starts at admission
     assert condition(d, cond.ADMITTED) == ("False", cond.QUEUED)
@@ -181,6 +182,7 @@ def test_rank_failure_restarts_the_gang_from_the_newest_checkpoint() -> None:
                 last_restart_reason=cond.TRAINER_ERROR,
                 cause=cond.TRAINER_ERROR,
                 resume_from=CKPT_200["uri"],
+                checkpoints_uri=CKPT_URI,
             )
         ),
         DeleteAttempt(1),  # after the new attempt exists
@@ -231,7 +233,7 @@ def test_error_on_one_rank_is_counted_even_though_the_others_stopped_with_143() 
 
 @pytest.mark.parametrize(
     ("exit_code", "reason"),
-    [(3, cond.INVALID_DATA), (4, cond.INVALID_CONFIG), (5, cond.MODEL_NOT_FOUND)],
+    [(3, cond.INVALID_DATA), (4, cond.INVALID_CONFIG), (5, cond.INPUT_UNREADABLE)],
 )
 def test_non_retryable_exit_codes_fail_at_once_with_the_trainers_message(exit_code: int, reason: str) -> None:
     builder = running(make_job("a").nodes(2))
@@ -359,7 +361,12 @@ def test_resume_starts_the_next_attempt_from_the_newest_checkpoint_uncounted() -
     d = world(builder)
     assert created(d) == [
         AttemptIntent(
-            attempt=2, restarts_total=0, restarts_counted=0, cause=cond.RESUMED, resume_from=CKPT_200["uri"]
+            attempt=2,
+            restarts_total=0,
+            restarts_counted=0,
+            cause=cond.RESUMED,
+            resume_from=CKPT_200["uri"],
+            checkpoints_uri=CKPT_URI,
         )
     ]
     assert (d.status.phase, d.status.reason, d.status.attempt) == ("Initializing", cond.RESUMED, 2)
@@ -559,137 +566,6 @@ def test_stale_progress_from_an_older_attempt_is_ignored_but_its_checkpoints_cou
     assert d.status.progress.step == 120
     assert d.status.metrics.train_loss is None
     assert [cp.step for cp in d.status.checkpoints] == [200]
-
-
-# ----------------------------------------------------------------------------------------- the glue
-
-
-@dataclass
-class FakeKube:
-    """Records what the reconciler asks of the API (a unit test of the glue, not of the API)."""
-
-    obj: dict[str, Any]
-    children: Children = field(default_factory=Children)
-    conflicts: int = 0
-    calls: list[tuple[str, Any]] = field(default_factory=list)
-
-    def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any]:
-        return self.obj
-
-    def list_children(self, namespace: str, name: str, uid: str) -> Children:
-        return self.children
-
-    def create(self, manifest: dict[str, Any]) -> bool:
-        self.calls.append(("create", f"{manifest['kind']}/{manifest['metadata']['name']}"))
-        return True
-
-    def delete_attempt(self, namespace: str, name: str, attempt: int) -> None:
-        self.calls.append(("delete", attempt))
-
-    def replace_status(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
-        if self.conflicts:
-            self.conflicts -= 1
-            self.calls.append(("conflict", None))
-            raise Conflict("changed")
-        self.calls.append(("status", status["phase"]))
-        self.obj = {**obj, "status": status}
-
-    def post_event(self, obj: Any, type_: str, reason: str, message: str, now: datetime) -> None:
-        self.calls.append(("event", reason))
-
-
-def reconciler(kube: FakeKube) -> Reconciler:
-    return Reconciler(kube, SETTINGS, clock=lambda: at(0))  # type: ignore[arg-type]
-
-
-def test_glue_acts_then_writes_status_then_posts_events() -> None:
-    kube = FakeKube(make_job("a").raw())
-    reconciler(kube).reconcile("default", "a")
-    assert kube.calls == [
-        ("create", "ConfigMap/a-progress"),
-        ("create", "ServiceAccount/a-trainer"),
-        ("create", "Role/a-trainer"),
-        ("create", "RoleBinding/a-trainer"),
-        ("create", "Service/a-a1"),
-        ("create", "ConfigMap/a-a1-config"),
-        ("create", "Job/a-a1"),
-        ("status", "Initializing"),
-        ("event", cond.INITIALIZING),
-    ]
-
-
-def test_glue_writes_nothing_when_the_status_is_unchanged() -> None:
-    job = make_job("a").build()
-    first = FakeKube(make_job("a").status(phase="Running", attempt=1, startTime=ts(0)).raw())
-    first.children = Children(
-        jobs=[attempt_job(job, 1).build()],
-        pods=[pod(job, 1).running().build()],
-        config_maps=[progress_config_map(job)],
-        identity=identity_objects(job),
-    )
-    reconciler(first).reconcile("default", "a")
-    assert [c for c, _ in first.calls] == ["status", "event"]
-    first.calls.clear()
-    reconciler(first).reconcile("default", "a")
-    assert first.calls == []
-
-
-def test_glue_retries_on_conflict_and_posts_events_once() -> None:
-    kube = FakeKube(make_job("a").raw(), conflicts=2)
-    reconciler(kube).reconcile("default", "a")
-    kinds = [c for c, _ in kube.calls]
-    assert kinds.count("conflict") == 2
-    assert kinds.count("status") == 1
-    assert kinds.count("event") == 1
-    assert kinds.index("event") > kinds.index("status")
-
-
-def test_glue_fails_the_job_when_the_api_server_refuses_a_child() -> None:
-    class Refusing(FakeKube):
-        def create(self, manifest: dict[str, Any]) -> bool:
-            if manifest["kind"] == "Job":
-                raise Refused(
-                    "the API server refused Job a-a1: spec.template.spec.nodeSelector: Invalid value"
-                )
-            return super().create(manifest)
-
-    kube = Refusing(make_job("a").raw())
-    reconciler(kube).reconcile("default", "a")
-    assert kube.obj["status"]["phase"] == "Failed"
-    assert kube.obj["status"]["reason"] == cond.INVALID_SPEC
-    assert "nodeSelector" in kube.obj["status"]["message"]
-    assert kube.calls[-1] == ("event", cond.INVALID_SPEC)
-
-
-def test_triggers_coalesce_while_a_reconcile_waits() -> None:
-    """Many triggers during one reconcile cause one more reconcile, not one each."""
-    import threading
-
-    started, release = threading.Event(), threading.Event()
-    reads: list[int] = []
-
-    class Slow(FakeKube):
-        def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any]:
-            reads.append(1)
-            if len(reads) == 1:
-                started.set()
-                release.wait(5)
-            return self.obj
-
-    kube = Slow(make_job("a").raw())
-    rec = reconciler(kube)
-    first = threading.Thread(target=rec.reconcile, args=("default", "a"))
-    first.start()
-    assert started.wait(5)
-    waiter = threading.Thread(target=rec.reconcile, args=("default", "a"))
-    waiter.start()
-    time.sleep(0.2)  # the waiter is now queued behind the first reconcile
-    for _ in range(20):
-        rec.reconcile("default", "a")  # returns at once: coalesced into the waiter
-    release.set()
-    first.join(5)
-    waiter.join(5)
-    assert len(reads) == 2
 
 
 def test_a_fatal_failure_is_not_announced_as_a_restart_while_pods_stop() -> None:

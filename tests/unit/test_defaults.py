@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_operator.defaults import model_size_billions, resolve_hyperparameters
+from finetune_operator.api import HyperparametersSpec
+from finetune_operator.defaults import merge_platform_defaults, model_size_billions, resolve_hyperparameters
+from finetune_operator.render import run_config
+from finetune_operator.settings import Settings
 from tests.support.builders import make_job
 
 pytestmark = pytest.mark.unit
@@ -106,3 +109,51 @@ def test_values_in_the_spec_win() -> None:
     assert hp.seed == 7
     assert hp.gradient_checkpointing is False
     assert hp.max_steps == 100
+
+
+# --------------------------------------------------------------- the platform's defaults per method
+
+PLATFORM_SFT = HyperparametersSpec(learning_rate=1e-4, epochs=2, warmup_ratio=0.05, per_device_batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("own", "expected"),
+    [
+        # (the job's spec.hyperparameters, (learning rate, epochs, max steps, warmup, micro-batch))
+        ({}, (1e-4, 2.0, None, 0.05, 4)),  # the platform's value over the built-in one
+        ({"learningRate": 3e-4}, (3e-4, 2.0, None, 0.05, 4)),  # the job's value over the platform's
+        ({"epochs": 5}, (1e-4, 5.0, None, 0.05, 4)),
+        # maxSteps replaces the platform's epochs (the built-in epochs stay; the trainer's maxSteps wins)
+        ({"maxSteps": 100}, (1e-4, 3.0, 100, 0.05, 4)),
+        ({"warmupRatio": 0.0}, (1e-4, 2.0, None, 0.0, 4)),  # 0 is a value, not "unset"
+    ],
+)
+def test_precedence_job_then_platform_then_built_in(
+    own: dict[str, object], expected: tuple[object, ...]
+) -> None:
+    spec = make_job().model("s3://models/llama-3.1-8b/").hyper(**own).build().spec
+    hp = resolve_hyperparameters(spec, PLATFORM_SFT)
+    assert (hp.learning_rate, hp.epochs, hp.max_steps, hp.warmup_ratio, hp.per_device_batch_size) == expected
+    assert hp.lr_scheduler == "cosine" and hp.seed == 42, "the rest stays built-in"
+
+
+def test_platform_max_steps_yields_to_the_jobs_epochs() -> None:
+    spec = make_job().hyper(epochs=1).build().spec
+    hp = resolve_hyperparameters(spec, HyperparametersSpec(max_steps=1000))
+    assert (hp.epochs, hp.max_steps) == (1.0, None)
+
+
+def test_merge_keeps_the_job_and_platform_models_untouched() -> None:
+    own = HyperparametersSpec(seed=1)
+    merged = merge_platform_defaults(own, PLATFORM_SFT)
+    assert (merged.seed, merged.learning_rate) == (1, 1e-4)
+    assert own == HyperparametersSpec(seed=1) and PLATFORM_SFT.seed is None
+
+
+def test_the_run_config_carries_the_effective_hyperparameters() -> None:
+    """What users read in the attempt's run-config ConfigMap: the values the trainer uses."""
+    settings = Settings(defaults_sft=PLATFORM_SFT, defaults_dpo=HyperparametersSpec(learning_rate=1e-6))
+    sft = run_config(make_job().build(), 1, None, settings)
+    dpo = run_config(make_job().dpo().build(), 1, None, settings)
+    assert (sft.hyperparameters.learning_rate, sft.hyperparameters.epochs) == (1e-4, 2.0)
+    assert (dpo.hyperparameters.learning_rate, dpo.hyperparameters.epochs) == (1e-6, 1.0)

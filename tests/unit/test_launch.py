@@ -118,7 +118,7 @@ def test_torchrun_command_uses_a_static_rendezvous() -> None:
         ([4, 3], ExitCode.INVALID_CONFIG),  # ties keep the first
         ([-9, 0], ExitCode.ERROR),  # killed by a signal: an error
         ([137], ExitCode.ERROR),
-        ([5, 143], ExitCode.MODEL_NOT_FOUND),
+        ([5, 143], ExitCode.INPUT_UNREADABLE),
     ],
 )
 def test_worst_exit(codes: list[int], worst: ExitCode) -> None:

@@ -268,7 +268,7 @@ def make_token_counter(tokenizer: Any) -> TokenCounter:
 def validate_main(argv: Sequence[str] | None = None) -> int:
     """``python -m finetune_trainer validate DATA --method sft|dpo ...``: check a dataset, print a report.
 
-    Returns :class:`ExitCode` ``OK``, ``INVALID_DATA`` (errors found) or ``MODEL_NOT_FOUND`` (unreadable).
+    Returns :class:`ExitCode` ``OK``, ``INVALID_DATA`` (errors found) or ``INPUT_UNREADABLE`` (unreadable).
     """
     args = _parser().parse_args(argv)
     try:
@@ -297,7 +297,7 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
         checked = check_dataset(config, args.method, seed=args.seed, store=store, token_counter=counter)
     except (DataSourceError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return int(ExitCode.MODEL_NOT_FOUND)
+        return int(ExitCode.INPUT_UNREADABLE)
     report = checked.report
     print(json.dumps(report.to_dict(), indent=2) if args.json else summarize(report))
     if not report.ok:

@@ -141,7 +141,7 @@ _SEVERITY = {
     ExitCode.OK: 0,
     ExitCode.PREEMPTED: 1,
     ExitCode.ERROR: 2,
-    ExitCode.MODEL_NOT_FOUND: 3,
+    ExitCode.INPUT_UNREADABLE: 3,
     ExitCode.INVALID_CONFIG: 3,
     ExitCode.INVALID_DATA: 3,
 }

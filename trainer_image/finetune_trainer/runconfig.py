@@ -35,7 +35,7 @@ class ExitCode(enum.IntEnum):
     ERROR = 1  # unexpected error: retryable, counted against maxRestarts
     INVALID_DATA = 3  # dataset failed validation: non-retryable
     INVALID_CONFIG = 4  # run config or model incompatible with the request: non-retryable
-    MODEL_NOT_FOUND = 5  # model or dataset URI does not exist or is not readable: non-retryable
+    INPUT_UNREADABLE = 5  # model, dataset or S3 input missing or access refused: non-retryable
     PREEMPTED = 143  # SIGTERM received, final checkpoint written: retry, not counted
 
     @property
@@ -154,8 +154,14 @@ class RunConfig(_Model):
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
 
+STATUS_MAX = 10**18
+"""Largest count a progress report may carry: the status stores int64 (about 9.2e18)."""
+
+
 class CheckpointEvent(_Model):
-    step: int
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    step: int = Field(ge=0, le=STATUS_MAX)
     uri: str
     complete: bool = True
     time: str
@@ -168,18 +174,23 @@ class ProgressReport(BaseModel):
     next one does not carry. ``checkpoints`` holds the newest complete checkpoints (bounded).
     """
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # NaN and Infinity are not JSON the API server accepts (the trainer's own JSON writes them as
+    # null), so a report carrying them is unreadable too.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
-    attempt: int
+    # Bounds match the status fields these mirror: a report that does not fit the status is
+    # unreadable (observe.parse_progress) instead of failing every reconcile of its job.
+    attempt: int = Field(ge=1, le=STATUS_MAX)
     state: Literal["initializing", "training", "checkpointing", "finished", "failed"]
-    step: int = 0
-    total_steps: int | None = Field(None, alias="totalSteps")
-    epoch: float | None = None
+    step: int = Field(0, ge=0, le=STATUS_MAX)
+    total_steps: int | None = Field(None, ge=0, le=STATUS_MAX, alias="totalSteps")
+    epoch: float | None = Field(None, ge=0, le=STATUS_MAX)
     train_loss: float | None = Field(None, alias="trainLoss")
     eval_loss: float | None = Field(None, alias="evalLoss")
     learning_rate: float | None = Field(None, alias="learningRate")
     tokens_per_second: float | None = Field(None, alias="tokensPerSecond")
-    eta_seconds: float | None = Field(None, alias="etaSeconds")  # trainer's estimate; else the operator's
+    # the trainer's estimate; else the operator's
+    eta_seconds: float | None = Field(None, le=STATUS_MAX, alias="etaSeconds")
     checkpoints: list[CheckpointEvent] = []
     adapter_uri: str | None = Field(None, alias="adapterUri")
     message: str | None = None

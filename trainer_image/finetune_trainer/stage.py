@@ -57,7 +57,7 @@ class Staged:
 
 def storage_error(exc: StorageError, what: str) -> TrainerError:
     """Map an S3 failure to the exit code the operator acts on."""
-    code = ExitCode.ERROR if exc.retryable else ExitCode.MODEL_NOT_FOUND
+    code = ExitCode.ERROR if exc.retryable else ExitCode.INPUT_UNREADABLE
     return TrainerError(code, f"cannot read {what}: {exc}")
 
 
@@ -93,7 +93,7 @@ def fetch_model(uri: str, target: Path, store: ObjectStore, *, weights: bool) ->
     if parsed.is_local:
         path = parsed.local_path()
         if not (path / "config.json").is_file():
-            raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"model.uri {uri}: no config.json in {path}")
+            raise TrainerError(ExitCode.INPUT_UNREADABLE, f"model.uri {uri}: no config.json in {path}")
         return path
     done = target / (".complete" if weights else ".small-files")
     if done.is_file():
@@ -102,7 +102,9 @@ def fetch_model(uri: str, target: Path, store: ObjectStore, *, weights: bool) ->
         try:
             keys = store.list_keys(uri)
             if not keys:
-                raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"model.uri {uri}: no objects under this prefix")
+                raise TrainerError(
+                    ExitCode.INPUT_UNREADABLE, f"model.uri {uri}: no objects under this prefix"
+                )
             if weights:
                 store.download_prefix(uri, target)
             else:
@@ -126,7 +128,7 @@ def _fetch_hub(repo_id: str, revision: str | None, target: Path, *, weights: boo
         snapshot_download(repo_id, revision=revision, local_dir=target, ignore_patterns=ignore)
     except Exception as exc:  # offline, no such repo, gated: all mean the model cannot be read
         raise TrainerError(
-            ExitCode.MODEL_NOT_FOUND,
+            ExitCode.INPUT_UNREADABLE,
             f"cannot download hf://{repo_id} ({type(exc).__name__}: {exc}); check the name, the token "
             "secret (credentials.hfTokenSecretRef) and network access, or copy the model to s3://",
         ) from exc
@@ -159,7 +161,7 @@ def validate_data(config: RunConfig, model_dir: Path, store: ObjectStore) -> str
             token_counter=make_token_counter(tokenizer),
         )
     except DataSourceError as exc:
-        raise TrainerError(ExitCode.MODEL_NOT_FOUND, str(exc)) from exc
+        raise TrainerError(ExitCode.INPUT_UNREADABLE, str(exc)) from exc
     except StorageError as exc:
         raise storage_error(exc, "the dataset") from exc
     if not checked.report.ok:

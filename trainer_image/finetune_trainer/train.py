@@ -94,9 +94,9 @@ def classify(exc: BaseException) -> tuple[ExitCode, str]:
     if isinstance(exc, DataValidationError):
         return ExitCode.INVALID_DATA, str(exc)
     if isinstance(exc, DataSourceError):
-        return ExitCode.MODEL_NOT_FOUND, str(exc)
+        return ExitCode.INPUT_UNREADABLE, str(exc)
     if isinstance(exc, StorageError):
-        return (ExitCode.ERROR if exc.retryable else ExitCode.MODEL_NOT_FOUND), str(exc)
+        return (ExitCode.ERROR if exc.retryable else ExitCode.INPUT_UNREADABLE), str(exc)
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError: recurs at the same step
         return ExitCode.INVALID_CONFIG, (
             f"out of GPU memory ({exc}). Lower hyperparameters.perDeviceBatchSize or "
