@@ -220,6 +220,24 @@ def test_local_run_config_is_the_operators_rendering(tmp_path: Path) -> None:
     assert moved.s3.endpoint_url == "http://s3:9000" and moved.distributed.procs_per_node == 2
 
 
+def test_local_run_without_a_checkpoint_location_names_the_fix(tmp_path: Path) -> None:
+    parsed = load_one(str(EXAMPLES / "cpu-tiny-local.yaml"))
+    del parsed.raw["spec"]["checkpoints"]["uri"]
+    unset = parse(parsed.raw, parsed.source)
+    with pytest.raises(CliError, match="--checkpoints-uri"):
+        local_config(unset, namespace="dev", workdir=tmp_path, nproc=None, cpu=False, s3_endpoint=None)
+    given = local_config(
+        unset,
+        namespace="dev",
+        workdir=tmp_path,
+        nproc=None,
+        cpu=False,
+        s3_endpoint=None,
+        checkpoints_uri="s3://elsewhere/",
+    )
+    assert given.checkpoints.uri == "s3://elsewhere/dev/tiny-demo/"
+
+
 # ----------------------------------------------------------------------------------- small helpers
 
 

@@ -11,9 +11,14 @@ from finetune_operator import api
 from finetune_operator.cli import manifests, output
 from finetune_operator.cli.cluster import Cluster, add_cluster_options
 from finetune_operator.cli.errors import CliError
-from finetune_operator.cli.storage import add_s3_option, endpoint_for, object_store, storage_error
+from finetune_operator.cli.storage import (
+    add_s3_option,
+    endpoint_for,
+    object_store,
+    started_checkpoint_prefix,
+    storage_error,
+)
 from finetune_operator.cli.view import LIST_HEADERS, JobView, list_row
-from finetune_operator.render import checkpoint_prefix
 from finetune_trainer.checkpoints import CheckpointStore
 from finetune_trainer.s3 import StorageError
 
@@ -286,7 +291,7 @@ def _s3_checkpoints(obj: dict[str, Any], args: argparse.Namespace) -> list[dict[
     job = api.FineTuneJob.model_validate(obj)
     spec = obj.get("spec") or {}
     store = CheckpointStore(
-        object_store(endpoint_for(args, spec), job.spec.storage.region), checkpoint_prefix(job)
+        object_store(endpoint_for(args, spec), job.spec.storage.region), started_checkpoint_prefix(job)
     )
     try:
         rows = []

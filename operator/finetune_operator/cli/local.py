@@ -29,7 +29,7 @@ from finetune_operator.cli.errors import CliError
 from finetune_operator.cli.storage import add_s3_option
 from finetune_operator.cli.view import JobView
 from finetune_operator.cli.watch import follow
-from finetune_operator.render import run_config
+from finetune_operator.render import NoCheckpointLocation, run_config
 from finetune_operator.settings import Settings
 from finetune_trainer.runconfig import ExitCode, ProgressConfig, ProgressReport, RunConfig
 
@@ -63,6 +63,11 @@ def register(commands: Any) -> None:
         "--namespace",
         help="namespace part of the checkpoint path (default: the manifest's metadata.namespace, else local)",
     )
+    parser.add_argument(
+        "--checkpoints-uri",
+        help="where checkpoints go when the manifest sets no spec.checkpoints.uri "
+        "(the operator would use the platform's defaults.checkpointUri)",
+    )
     add_s3_option(parser)
     output.add_output_option(parser)
     parser.set_defaults(run=run)
@@ -76,10 +81,17 @@ def local_config(
     nproc: int | None,
     cpu: bool,
     s3_endpoint: str | None,
+    checkpoints_uri: str | None = None,
 ) -> RunConfig:
     """The operator's run config for attempt 1 of the job, adjusted for one local machine. Pure."""
     job = manifest.job.model_copy(update={"metadata": {**manifest.job.metadata, "namespace": namespace}})
-    config = run_config(job, 1, None, Settings())
+    try:
+        config = run_config(job, 1, None, Settings(default_checkpoint_uri=checkpoints_uri))
+    except NoCheckpointLocation:
+        raise CliError(
+            "spec.checkpoints.uri is unset: a local run has no platform default",
+            "set it in the manifest or pass --checkpoints-uri s3://bucket/prefix/",
+        ) from None
     procs = nproc or max(job.spec.resources.gpus_per_node, 1)
     s3 = config.s3
     if s3_endpoint:
@@ -196,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         nproc=args.nproc,
         cpu=args.cpu,
         s3_endpoint=args.s3_endpoint,
+        checkpoints_uri=args.checkpoints_uri,
     )
     local = LocalRun(manifest.name, config, workdir.resolve())
     local.start()

@@ -18,9 +18,14 @@ from finetune_operator import api
 from finetune_operator.cli import output
 from finetune_operator.cli.cluster import Cluster, add_cluster_options
 from finetune_operator.cli.errors import CliError
-from finetune_operator.cli.storage import add_s3_option, endpoint_for, object_store, storage_error
+from finetune_operator.cli.storage import (
+    add_s3_option,
+    endpoint_for,
+    object_store,
+    started_checkpoint_prefix,
+    storage_error,
+)
 from finetune_operator.cli.tbevents import Scalar, read_scalars
-from finetune_operator.render import checkpoint_prefix
 from finetune_trainer.s3 import StorageError
 
 TRAIN_LOSS, EVAL_LOSS, LEARNING_RATE = "train/loss", "eval/loss", "train/learning_rate"
@@ -159,7 +164,7 @@ def _from_s3(args: argparse.Namespace) -> tuple[list[list[Scalar]], str]:
     finally:
         cluster.close()
     job = api.FineTuneJob.model_validate(obj)
-    prefix = checkpoint_prefix(job) + "tensorboard/"
+    prefix = started_checkpoint_prefix(job) + "tensorboard/"
     store = object_store(endpoint_for(args, obj.get("spec")), job.spec.storage.region)
     try:
         keys = [uri for uri in store.list_keys(prefix) if EVENT_MARK in uri.rsplit("/", 1)[-1]]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from finetune_operator import api
 from finetune_operator.cli.errors import CliError
+from finetune_operator.render import NoCheckpointLocation, checkpoint_prefix
 from finetune_trainer.runconfig import S3Config
 from finetune_trainer.s3 import ObjectStore, RetryPolicy, StorageError
 
@@ -48,3 +50,15 @@ def storage_error(exc: StorageError) -> CliError:
         str(exc).rstrip("."),
         "check the URI, --s3-endpoint and the AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in your environment",
     )
+
+
+def started_checkpoint_prefix(job: api.FineTuneJob) -> str:
+    """Where a job in the cluster keeps its checkpoints; a clear error before it has a location."""
+    try:
+        return checkpoint_prefix(job)
+    except NoCheckpointLocation:
+        raise CliError(
+            f"{job.metadata.get('name')} has no checkpoint location yet: it sets no spec.checkpoints.uri "
+            "and has not started (the operator records the platform default at the first start)",
+            "wait for it to start, then try again",
+        ) from None
