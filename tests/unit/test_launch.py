@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from finetune_trainer import cli
+from finetune_trainer import cli, launch
 from finetune_trainer.errors import TrainerError
 from finetune_trainer.launch import (
     GangPlace,
@@ -180,3 +182,15 @@ def test_help_explains_every_option_and_the_environment(capsys: pytest.CaptureFi
 def test_missing_config_is_an_invalid_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FTJ_RUN_CONFIG", raising=False)
     assert cli.main([]) == ExitCode.INVALID_CONFIG
+
+
+def test_only_build_locks_old_enough_to_be_leftovers_are_removed(tmp_path: Path) -> None:
+    stale = tmp_path / "py311_cu130" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cu130" / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - launch.STALE_BUILD_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+    removed = launch.clear_stale_build_locks({"TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert removed == [stale] and not stale.exists() and fresh.exists()

@@ -235,6 +235,32 @@ class _Forwarder:
                 os.kill(int(pid_file.read_text()), signal.SIGTERM)
 
 
+STALE_BUILD_LOCK_SECONDS = 300.0
+
+
+def clear_stale_build_locks(
+    env: Mapping[str, str] = os.environ, max_age_s: float = STALE_BUILD_LOCK_SECONDS
+) -> list[Path]:
+    """Remove torch extension build locks that a killed process left behind; returns them.
+
+    Each process that loads a JIT-built op (DeepSpeed's shared-memory all-reduce on the CPU, for
+    one) takes ``<extensions dir>/<op>/lock`` for a moment, even when nothing needs building, and
+    deletes it after. A worker SIGKILLed in that moment leaves it, and every later worker on the
+    machine waits for it forever. A build takes a minute or two: an older lock is a leftover.
+    """
+    root = Path(env.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                log.warning("removed %s: a build lock left by a killed process", lock)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def run_workers(place: GangPlace, config_path: Path, workdir: Path, config: RunConfig) -> ExitCode:
     """Start torchrun, forward SIGTERM to the workers, and return the worst worker outcome.
 
@@ -244,6 +270,7 @@ def run_workers(place: GangPlace, config_path: Path, workdir: Path, config: RunC
     shutil.rmtree(exit_dir, ignore_errors=True)
     shutil.rmtree(workdir / "run", ignore_errors=True)  # local checkpoints of an earlier run
     exit_dir.mkdir(parents=True)
+    clear_stale_build_locks()
     forwarder = _Forwarder(exit_dir)
     previous = {s: signal.signal(s, forwarder) for s in (signal.SIGTERM, signal.SIGINT)}
     cmd = torchrun_command(
