@@ -8,6 +8,13 @@ cover different failures:
   a server that is killed or restarting surfaces from the transfer manager as a bare
   ``EndpointConnectionError`` after botocore gave up, not as a retryable ``S3UploadFailedError``.
 
+Files below the multipart threshold (most files of a checkpoint, by count) move with one
+``put_object``/``get_object`` each, not through boto3's transfer manager: ``upload_file`` and
+``download_file`` build a manager with three thread pools for every file and first ask the server
+for the size, which cost about twice the client CPU per small file. Larger files use the manager's
+parallel parts. Either way a download is written to a temporary file in the destination folder and
+renamed when whole, so a download cut off half way never leaves a file under its final name.
+
 Errors that retrying cannot fix (no such bucket, refused credentials, no such object) are raised at
 once as :class:`StorageError` with ``retryable=False`` and a message that says what to check.
 Credentials come from the standard AWS environment variables and are never logged.
@@ -15,9 +22,11 @@ Credentials come from the standard AWS environment variables and are never logge
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -40,6 +49,7 @@ T = TypeVar("T")
 
 MiB = 1024 * 1024
 _DELETE_BATCH = 1000  # DeleteObjects accepts at most 1000 keys per request
+_READ_CHUNK = 1 * MiB  # read size of a streamed GET: few Python calls per object, little memory
 
 _NO_BUCKET_CODES = {"NoSuchBucket"}
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
@@ -154,25 +164,35 @@ class ObjectStore:
     def upload_file(self, path: str | os.PathLike[str], uri: str) -> str:
         """Upload one local file to ``uri`` (multipart above the threshold); returns ``uri``."""
         bucket, key = _bucket_key(uri)
-        if not Path(path).is_file():
+        source = Path(path)
+        if not source.is_file():
             raise FileNotFoundError(f"cannot upload {path}: not a file")
-        self._retrying(
-            "upload",
-            uri,
-            lambda: self._client.upload_file(str(path), bucket, key, Config=self._transfer_config),
-        )
+        action: Callable[[], object]
+        if source.stat().st_size < self.transfer.multipart_threshold:
+            action = partial(self._put_file, source, bucket, key)
+        else:
+            action = partial(self._client.upload_file, str(source), bucket, key, Config=self._transfer_config)
+        self._retrying("upload", uri, action)
         return uri
 
-    def download_file(self, uri: str, path: str | os.PathLike[str]) -> Path:
-        """Download ``uri`` to ``path`` (parents created). The file appears whole or not at all."""
+    def download_file(self, uri: str, path: str | os.PathLike[str], *, size: int | None = None) -> Path:
+        """Download ``uri`` to ``path`` (parents created). The file appears whole or not at all.
+
+        ``size`` is the object's size where the caller knows it (from a listing): an object below the
+        multipart threshold is then fetched with one GET. Without it the transfer manager asks the
+        server first.
+        """
         bucket, key = _bucket_key(uri)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._retrying(
-            "download",
-            uri,
-            lambda: self._client.download_file(bucket, key, str(target), Config=self._transfer_config),
-        )
+        action: Callable[[], object]
+        if size is not None and size < self.transfer.multipart_threshold:
+            action = partial(self._get_file, bucket, key, target)
+        else:
+            action = partial(
+                self._client.download_file, bucket, key, str(target), Config=self._transfer_config
+            )
+        self._retrying("download", uri, action)
         return target
 
     def read_bytes(self, uri: str) -> bytes:
@@ -222,8 +242,7 @@ class ObjectStore:
 
     def list_keys(self, uri_prefix: str, *, page_size: int = 1000) -> list[str]:
         """URIs of every object under the folder ``uri_prefix``, in key order (all pages)."""
-        bucket, prefix = _bucket_folder(uri_prefix)
-        return [s3_uri(bucket, obj["Key"]) for obj in self._pages(bucket, prefix, page_size, "Contents")]
+        return [uri for uri, _ in self._objects(uri_prefix, page_size)]
 
     def list_prefixes(self, uri_prefix: str, *, page_size: int = 1000) -> list[str]:
         """URIs (ending in ``/``) of the immediate sub-folders of ``uri_prefix``."""
@@ -238,25 +257,26 @@ class ObjectStore:
             raise NotADirectoryError(f"cannot upload {root}: not a directory")
         files = sorted(p for p in root.rglob("*") if p.is_file())
         uris = [join(uri_prefix, p.relative_to(root).as_posix()) for p in files]
-        self._parallel(self.upload_file, list(zip(files, uris, strict=True)))
+        self._parallel([partial(self.upload_file, path, uri) for path, uri in zip(files, uris, strict=True)])
         return uris
 
     def download_prefix(self, uri_prefix: str, local_dir: str | os.PathLike[str]) -> list[Path]:
         """Download every object under the folder ``uri_prefix`` into ``local_dir``, keeping the layout."""
         bucket, prefix = _bucket_folder(uri_prefix)
         root = Path(local_dir)
-        jobs: list[tuple[str, Path]] = []
-        for uri in self.list_keys(uri_prefix):
-            relative = PurePosixPath(uri[len(s3_uri(bucket, prefix)) :])
+        folder = s3_uri(bucket, prefix)
+        jobs: list[tuple[str, Path, int]] = []
+        for uri, size in self._objects(uri_prefix):
+            relative = PurePosixPath(uri[len(folder) :])
             if not relative.parts or uri.endswith("/"):
                 continue  # zero-byte "folder" placeholder objects
             if ".." in relative.parts or relative.is_absolute():
                 raise StorageError(
                     f"refusing to download {uri}: its key leaves {root}", uri=uri, retryable=False
                 )
-            jobs.append((uri, root.joinpath(*relative.parts)))
-        self._parallel(self.download_file, jobs)
-        return [path for _, path in jobs]
+            jobs.append((uri, root.joinpath(*relative.parts), size))
+        self._parallel([partial(self.download_file, uri, path, size=size) for uri, path, size in jobs])
+        return [path for _, path, _ in jobs]
 
     def delete_prefix(self, uri_prefix: str) -> int:
         """Delete every object under the folder ``uri_prefix`` (batched); returns how many."""
@@ -294,12 +314,42 @@ class ObjectStore:
                 return
             token = page["NextContinuationToken"]
 
-    def _parallel(self, transfer: Callable[[Any, Any], object], jobs: list[tuple[Any, Any]]) -> None:
-        """Run ``transfer(src, dst)`` for every job, a few files at a time; re-raise the first failure."""
-        if not jobs:
+    def _objects(self, uri_prefix: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:
+        """URI and size of every object under the folder ``uri_prefix``, in key order."""
+        bucket, prefix = _bucket_folder(uri_prefix)
+        for obj in self._pages(bucket, prefix, page_size, "Contents"):
+            yield s3_uri(bucket, obj["Key"]), int(obj.get("Size", 0))
+
+    def _put_file(self, source: Path, bucket: str, key: str) -> None:
+        """One PUT of a whole file (below the multipart threshold). botocore rewinds the open file
+        for its own retries and adds the default checksum, as the transfer manager would."""
+        with source.open("rb") as body:
+            self._client.put_object(Bucket=bucket, Key=key, Body=body)
+
+    def _get_file(self, bucket: str, key: str, target: Path) -> None:
+        """One GET streamed into a temporary file next to ``target``, renamed once it is whole.
+
+        botocore checks the length (and the checksum, when the object has one) as the body is read;
+        a connection cut half way raises, and the partial file is removed. Only a process killed
+        in the middle can leave a ``.<name>.<random>.part`` file behind, never a short ``target``.
+        """
+        partial_file = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        try:
+            with partial_file.open("xb") as out:
+                body = self._client.get_object(Bucket=bucket, Key=key)["Body"]
+                with contextlib.closing(body):
+                    for chunk in body.iter_chunks(_READ_CHUNK):
+                        out.write(chunk)
+            os.replace(partial_file, target)
+        finally:
+            partial_file.unlink(missing_ok=True)
+
+    def _parallel(self, transfers: list[Callable[[], object]]) -> None:
+        """Run every transfer, a few files at a time; re-raise the first failure."""
+        if not transfers:
             return
         with ThreadPoolExecutor(self.transfer.max_parallel_files, thread_name_prefix="s3") as pool:
-            futures: list[Future[object]] = [pool.submit(transfer, src, dst) for src, dst in jobs]
+            futures: list[Future[object]] = [pool.submit(transfer) for transfer in transfers]
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()

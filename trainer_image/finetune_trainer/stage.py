@@ -12,14 +12,18 @@ seconds with exit code 3, before the model is downloaded or a GPU is touched:
    downloaded and checked against its marker;
 5. the model weights are fetched.
 
-What the workers need is written to ``<workdir>/staged.json``.
+What the workers need is written to ``<workdir>/staged.json``, with the seconds each step took
+(also logged: on a resume they say whether the checkpoint or the model dominated the start).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,7 @@ class Staged:
     data_sha256: str
     resume_dir: str | None = None
     resume_step: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # step of :func:`stage` -> wall time
 
     def write(self, workdir: Path) -> None:
         (workdir / STAGED_FILE).write_text(json.dumps(asdict(self), indent=1))
@@ -76,14 +81,36 @@ def check_config(config: RunConfig) -> None:
 
 def stage(config: RunConfig, workdir: Path, store: ObjectStore, *, world_size: int) -> Staged:
     """Run steps 1-5 of the module doc; raises :class:`TrainerError` with the exit code to use."""
+    seconds: dict[str, float] = {}
     check_config(config)
-    model_dir = fetch_model(config.model.uri, workdir / "model", store, weights=False)
-    sha256 = validate_data(config, model_dir, store)
-    resume_dir, resume_step = fetch_resume(config, workdir, store, world_size=world_size, data_sha256=sha256)
-    fetch_model(config.model.uri, workdir / "model", store, weights=True)
-    staged = Staged(str(model_dir), sha256, str(resume_dir) if resume_dir else None, resume_step)
+    with _timer(seconds, "model_files"):
+        model_dir = fetch_model(config.model.uri, workdir / "model", store, weights=False)
+    with _timer(seconds, "dataset"):
+        sha256 = validate_data(config, model_dir, store)
+    with _timer(seconds, "checkpoint"):
+        resume_dir, resume_step = fetch_resume(
+            config, workdir, store, world_size=world_size, data_sha256=sha256
+        )
+    with _timer(seconds, "model_weights"):
+        fetch_model(config.model.uri, workdir / "model", store, weights=True)
+    staged = Staged(str(model_dir), sha256, str(resume_dir) if resume_dir else None, resume_step, seconds)
     staged.write(workdir)
+    log.info(
+        "node staged in %.1fs (%s)",
+        sum(seconds.values()),
+        ", ".join(f"{name.replace('_', ' ')} {value:.1f}s" for name, value in seconds.items()),
+    )
     return staged
+
+
+@contextmanager
+def _timer(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Record the block's wall time as ``seconds[name]``."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        seconds[name] = round(time.monotonic() - started, 3)
 
 
 def fetch_model(uri: str, target: Path, store: ObjectStore, *, weights: bool) -> Path:
