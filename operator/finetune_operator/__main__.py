@@ -95,9 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)
-    reconciler = Reconciler(Kube(load_api_client()), settings, metrics=metrics)
+    reconciler = Reconciler(Kube(load_api_client(settings.max_workers + 4)), settings, metrics=metrics)
     kopf.run(
-        registry=build_registry(reconciler, settings),
+        registry=build_registry(reconciler),
         standalone=args.standalone,
         peering_name=args.peering,
         priority=peering_priority(args.priority) if args.peering else None,

@@ -1,8 +1,11 @@
-"""kopf wiring: every handler maps its trigger to "reconcile this FineTuneJob" and returns None.
+"""kopf wiring: watches feed the child cache and the reconciler's queue; every handler returns None.
 
 The handlers are registered on a registry of their own (no import-time side effects, no global
-registry), with the :class:`~finetune_operator.reconcile.Reconciler` captured in closures. kopf runs
-synchronous handlers in its thread pool; the reconciler locks per FineTuneJob.
+registry), with the :class:`~finetune_operator.reconcile.Reconciler` captured in closures. They are
+coroutines that only record and enqueue (no thread hop per event); the reconciler's own threads do
+the work. There is no kopf timer (one resync thread instead) and no finalizer: children go by
+owner-reference garbage collection. kopf removes the finalizer older versions of the operator put
+on FineTuneJobs (their timers needed one), which is why it is still configured.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from typing import Any
 
 import kopf
 
-from finetune_operator import api
+from finetune_operator import api, cache
 from finetune_operator import constants as c
+from finetune_operator.observe import essentials
 from finetune_operator.reconcile import Reconciler
-from finetune_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ def owner_name(body: Mapping[str, Any]) -> str | None:
     return str(owner) if owner else None
 
 
-def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
+def configure(kopf_settings: kopf.OperatorSettings) -> None:
     """Own prefix and finalizer, no kopf-posted events (the operator posts its own), quiet logs."""
     kopf_settings.persistence.finalizer = c.FINALIZER
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.DOMAIN)
@@ -39,57 +42,76 @@ def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
         prefix=c.DOMAIN, key="last-handled-configuration"
     )
     kopf_settings.posting.enabled = False
-    kopf_settings.execution.max_workers = settings.max_workers
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330
     kopf_settings.batching.batch_window = 0.1
 
 
-def build_registry(reconciler: Reconciler, settings: Settings) -> kopf.OperatorRegistry:
+def indexed(kind: str, body: Mapping[str, Any], namespace: str | None) -> dict[cache.Key, Any]:
+    """A kopf index entry: the child's essentials under its FineTuneJob's key."""
+    owner = owner_name(body)
+    if owner is None or namespace is None:
+        return {}
+    return {(namespace, owner): essentials(kind, body)}
+
+
+def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     managed = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
+    progress = {**managed, c.LABEL_COMPONENT: c.COMPONENT_PROGRESS}
 
     @kopf.on.startup(registry=registry)
-    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure(settings, reconciler.settings)
+    def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+        configure(settings)
+        reconciler.cache.attach({index: kwargs[index] for index in (cache.JOBS, cache.PODS, cache.PROGRESS)})
+        reconciler.start()
+
+    @kopf.on.cleanup(registry=registry)
+    def cleanup(**_: Any) -> None:
+        reconciler.stop()
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_via_client(**kwargs)
 
+    # kopf runs no handler before every index is filled from a full list.
+    @kopf.index("batch", "v1", "jobs", labels=managed, id=cache.JOBS, registry=registry)
+    async def finetune_jobs(body: kopf.Body, namespace: str | None, **_: Any) -> dict[cache.Key, Any]:
+        return indexed("Job", body, namespace)
+
+    @kopf.index("v1", "pods", labels=managed, id=cache.PODS, registry=registry)
+    async def finetune_pods(body: kopf.Body, namespace: str | None, **_: Any) -> dict[cache.Key, Any]:
+        return indexed("Pod", body, namespace)
+
+    @kopf.index("v1", "configmaps", labels=progress, id=cache.PROGRESS, registry=registry)
+    async def finetune_progress(body: kopf.Body, namespace: str | None, **_: Any) -> dict[cache.Key, Any]:
+        return indexed("ConfigMap", body, namespace)
+
     @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry)
-    def finetunejob_changed(name: str, namespace: str | None, type: str, **_: Any) -> None:
+    async def finetunejob_changed(
+        name: str, namespace: str | None, type: str, body: kopf.Body, **_: Any
+    ) -> None:
         if namespace is None:
             return
         if type == "DELETED":
             reconciler.forget(namespace, name)
-            return
-        reconciler.reconcile(namespace, name)
+        elif not reconciler.is_echo(namespace, name, body.get("metadata", {}).get("resourceVersion")):
+            reconciler.enqueue(namespace, name)
 
-    @kopf.timer(
-        api.GROUP,
-        api.VERSION,
-        api.PLURAL,
-        interval=settings.resync_seconds,
-        idle=settings.resync_seconds / 2,
-        registry=registry,
+    def child_changed(kind: str) -> Any:
+        async def changed(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+            owner = owner_name(body)
+            if owner and namespace is not None:
+                reconciler.cache.seen(namespace, owner, kind, str(body.get("metadata", {}).get("name")))
+                reconciler.enqueue(namespace, owner)
+
+        return changed
+
+    kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry, id="job-changed")(
+        child_changed("Job")
     )
-    def resync(name: str, namespace: str | None, **_: Any) -> None:
-        if namespace is not None:
-            reconciler.reconcile(namespace, name)
-
-    def child_changed(body: kopf.Body, namespace: str | None, **_: Any) -> None:
-        owner = owner_name(body)
-        if owner and namespace is not None:
-            reconciler.reconcile(namespace, owner)
-
-    kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry, id="job-changed")(child_changed)
-    kopf.on.event("v1", "pods", labels=managed, registry=registry, id="pod-changed")(child_changed)
-    kopf.on.event(
-        "v1",
-        "configmaps",
-        labels={**managed, c.LABEL_COMPONENT: c.COMPONENT_PROGRESS},
-        registry=registry,
-        id="progress-changed",
-    )(child_changed)
+    kopf.on.event("v1", "pods", labels=managed, registry=registry, id="pod-changed")(child_changed("Pod"))
+    kopf.on.event("v1", "configmaps", labels=progress, registry=registry, id="progress-changed")(
+        child_changed("ConfigMap")
+    )
     return registry

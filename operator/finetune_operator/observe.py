@@ -24,7 +24,8 @@ Obj = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class Children:
-    """Everything the operator lists for one FineTuneJob (all selected by its job-name label)."""
+    """Everything the operator knows of one FineTuneJob's children (whole objects, or the parts of
+    them that :func:`essentials` keeps: both read the same)."""
 
     jobs: Sequence[Obj] = field(default_factory=list)
     pods: Sequence[Obj] = field(default_factory=list)
@@ -131,6 +132,66 @@ def observe(children: Children, name: str) -> Observation:
         progress=report,
         progress_error=error,
     )
+
+
+# ------------------------------------------------------------------------------------- essentials
+# The operator keeps every child it watches in memory (a cache instead of listing them per
+# reconcile); these keep only what :func:`observe` reads, in the same shape, so that a thousand
+# FineTuneJobs cost a few MiB and not whole bodies (managedFields, pod specs, volumes).
+
+
+def essentials(kind: str, obj: Obj) -> dict[str, Any]:
+    """The parts of a Job, Pod or ConfigMap that :func:`observe` and the cache read, same shape."""
+    meta = obj.get("metadata", {})
+    labels = meta.get("labels") or {}
+    kept_meta: dict[str, Any] = {
+        "name": meta.get("name"),
+        "uid": meta.get("uid"),
+        "labels": {k: labels[k] for k in (c.LABEL_ATTEMPT, c.COMPLETION_INDEX_LABEL) if k in labels},
+        "ownerReferences": [
+            {"name": ref.get("name"), "uid": ref.get("uid")} for ref in meta.get("ownerReferences") or []
+        ],
+    }
+    for key in ("deletionTimestamp", "creationTimestamp", "resourceVersion"):
+        if meta.get(key):
+            kept_meta[key] = meta[key]
+    out: dict[str, Any] = {"kind": kind, "metadata": kept_meta}
+    status = obj.get("status") or {}
+    if kind == "Job":
+        annotations = meta.get("annotations") or {}
+        kept_meta["annotations"] = {k: v for k, v in annotations.items() if k.startswith(f"{c.DOMAIN}/")}
+        out["spec"] = {"suspend": bool((obj.get("spec") or {}).get("suspend"))}
+        out["status"] = {
+            "startTime": status.get("startTime"),
+            "conditions": [
+                _keep(cond, "type", "status", "reason", "message") for cond in _list(status, "conditions")
+            ],
+        }
+    elif kind == "Pod":
+        out["status"] = {
+            **_keep(status, "phase", "reason", "message", "startTime"),
+            "conditions": [_keep(cond, "type", "status", "reason") for cond in _list(status, "conditions")],
+            "containerStatuses": [
+                _keep(container, "name", "state")
+                for container in _list(status, "containerStatuses")
+                if container.get("name") == c.CONTAINER_NAME
+            ],
+        }
+    elif kind == "ConfigMap":
+        data = obj.get("data") or {}
+        out["data"] = {PROGRESS_KEY: data[PROGRESS_KEY]} if PROGRESS_KEY in data else {}
+    return out
+
+
+def _keep(obj: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    return {key: obj[key] for key in keys if obj.get(key) is not None}
+
+
+def _list(obj: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    return list(obj.get(key) or [])
+
+
+# -------------------------------------------------------------------------------------- summaries
 
 
 def attempt_state(job: Obj, attempt: int, pods: tuple[PodFacts, ...]) -> AttemptState:

@@ -404,6 +404,19 @@ def test_delete_removes_every_child(world: World) -> None:
     assert leftovers() == []
 
 
+def test_no_finalizer_and_an_old_one_does_not_block_deletion(world: World) -> None:
+    """Children go by owner-reference garbage collection, so the operator adds no finalizer; the one
+    older versions added (for their per-job timers) is removed, so such a job can still be deleted."""
+    world.create(make_job("a").gpus(0).manifest())
+    old = make_job("b").gpus(0).manifest()
+    old["metadata"]["finalizers"] = [c.FINALIZER]
+    world.create(old)
+    world.wait_phase("a", "Initializing")
+    world.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, world.ns, api.PLURAL, "b")
+    wait_for("b deleted (its old finalizer released)", lambda: world.ftj("b") is None, 20)
+    assert not (world.ftj("a") or {})["metadata"].get("finalizers")
+
+
 # ----------------------------------------------------------------------------------------- crashes
 
 
