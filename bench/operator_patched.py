@@ -1,6 +1,6 @@
-"""Experiment, not the operator: ``python -m finetune_operator`` with the proposed connection fix
-applied at run time, so that ``bench.operator_scale`` can measure it before it lands in the
-operator's code.
+"""Experiment, not the operator: ``python -m finetune_operator`` with the connection fix applied at
+run time, as ``bench.operator_scale`` measured it before it landed in the operator's code
+(``finetune_operator.k8s`` now does both parts itself; kept to reproduce the experiments table).
 
 The problem: ``finetune_operator.k8s.Kube`` sends creates, status writes and events with
 ``_preload_content=False`` and never reads those responses, so urllib3 never hands their

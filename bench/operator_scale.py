@@ -187,7 +187,8 @@ class Operator:
         return counts
 
     def tracemalloc(self, out: Path) -> Any:
-        """Ask :mod:`bench.operator_traced` for its allocation sites (SIGUSR1) and read them."""
+        """Ask :mod:`bench.operator_traced` for its allocation sites (or :mod:`bench.operator_sampled`
+        for its profile) with SIGUSR1 and read them."""
         self.proc.send_signal(signal.SIGUSR1)
         wait_for("the tracemalloc snapshot", out.exists, timeout=300, every=0.5)
         return json.loads(out.read_text())
@@ -201,6 +202,7 @@ OPERATOR_MODULES = {
     "operator": "finetune_operator",
     "operator-patched": "bench.operator_patched",
     "operator-traced": "bench.operator_traced",
+    "operator-sampled": "bench.operator_sampled",
 }
 
 
@@ -227,7 +229,7 @@ def run_phase(phase: str, n: int, concurrency: int, work: Path) -> dict[str, Any
         operator = None
         if how is not None:
             module, env = how
-            if module == OPERATOR_MODULES["operator-traced"]:
+            if module in (OPERATOR_MODULES["operator-traced"], OPERATOR_MODULES["operator-sampled"]):
                 env = {**env, "FTJ_BENCH_TRACEMALLOC_OUT": str(root / "tracemalloc.json")}
             operator = Operator(plane, root / "operator.log", module, env)
             stack.callback(operator.stop)
@@ -272,6 +274,8 @@ def run_phase(phase: str, n: int, concurrency: int, work: Path) -> dict[str, Any
             out["operator_log"] = operator.log_counts()
             if how is not None and how[0] == OPERATOR_MODULES["operator-traced"]:
                 out["tracemalloc"] = operator.tracemalloc(root / "tracemalloc.json")
+            if how is not None and how[0] == OPERATOR_MODULES["operator-sampled"]:
+                out["profile"] = operator.tracemalloc(root / "tracemalloc.json")
     return out
 
 
@@ -339,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         "--phases",
         default="operator;jobs-only;full",
         help="semicolon-separated: operator, operator[FTJ_X=v,...] (settings changed), "
-        "operator-patched[...] (bench.operator_patched), jobs-only, full",
+        "operator-patched[...] (bench.operator_patched), operator-traced, operator-sampled (profiled), "
+        "jobs-only, full",
     )
     parser.add_argument(
         "--tag", default="", help="label suffix for experiments: their results are reported apart"

@@ -126,15 +126,28 @@ def sweep_plot(result: Result, path: Path) -> Path:
 
 
 def resume_plot(result: Result, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 2.6))
+    """Process start to first step, scratch against resume; stacked by phase where recorded."""
+    fig, ax = plt.subplots(figsize=(7, 2.8))
     kinds = [("scratch", "from scratch"), ("resume", "resumed from S3")]
-    values = [result["data"][k]["first_step_s"] for k, _ in kinds]
-    ax.barh(
-        [label for _, label in kinds],
-        [v["median"] for v in values],
-        xerr=[[v["median"] - v["min"] for v in values], [v["max"] - v["median"] for v in values]],
-        color=["#7f7f7f", "#2ca02c"],
-        capsize=3,
-    )
-    ax.set_xlabel("process start → first training step, s (this machine)")
+    data = result["data"]
+    labels = [label for _, label in kinds]
+    if all("phases_s" in data[k] for k, _ in kinds):
+        names = list(data["resume"]["phases_s"])
+        left = [0.0 for _ in kinds]
+        cmap = plt.get_cmap("tab10")
+        for i, name in enumerate(names):
+            widths = [data[k]["phases_s"].get(name, 0.0) for k, _ in kinds]
+            ax.barh(labels, widths, left=left, color=cmap(i), label=name)
+            left = [a + b for a, b in zip(left, widths, strict=True)]
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
+    else:
+        values = [data[k]["first_step_s"] for k, _ in kinds]
+        ax.barh(
+            labels,
+            [v["median"] for v in values],
+            xerr=[[v["median"] - v["min"] for v in values], [v["max"] - v["median"] for v in values]],
+            color=["#7f7f7f", "#2ca02c"],
+            capsize=3,
+        )
+    ax.set_xlabel("process start \u2192 first training step, s (this machine)")
     return _save(fig, path)

@@ -73,8 +73,9 @@ benchmark's clock when watch events arrive (API timestamps have 1 s resolution).
 EXPERIMENTS_INTRO = """\
 Same method, other operator builds: `operator[X=v]` is the operator with environment variable X
 set (an `FTJ_*` setting, or e.g. glibc's `MALLOC_ARENA_MAX`); `operator-patched` is
-`bench.operator_patched`, the operator with the connection fix described in the findings applied at
-run time (not in the operator's code yet). `operator-traced` runs (`bench.operator_traced`, the
+`bench.operator_patched`, the connection fix applied at run time before it landed in the operator's
+code; results tagged `before` are the operator before the changes described in the findings (per-job
+LISTs, kopf timers), kept for comparison. `operator-traced` runs (`bench.operator_traced`, the
 operator under tracemalloc) are left out of these tables: tracing slows the operator down, only
 their memory breakdown, quoted in the findings, is of interest.
 """
@@ -117,7 +118,7 @@ def render(results: Sequence[Result], findings: str = "", img: str = "img") -> s
     out += [tables.operator_section(operator), ""]
     if experiments:
         out += [
-            "### Experiments: proposed operator changes, measured before they land",
+            "### Experiments: proposed operator changes and earlier builds",
             "",
             EXPERIMENTS_INTRO,
         ]

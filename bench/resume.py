@@ -11,6 +11,10 @@ when the process is started and stops when global rank 0 writes its first line t
 - ``resume``: the same job after a checkpoint at step 10: also find the newest complete checkpoint,
   check its marker, download it, restore adapter/optimizer/RNG state, train step 11.
 
+Each run is also split into phases (:data:`PHASES`): the launcher records how long each staging
+step took (``staged.json``), and the benchmark stamps every line of the trainer's output with the
+time it arrived, so the end of staging and the moment the model is loaded are known.
+
 Every resume run gets its own copy of the same checkpoint (a server-side copy), so no run resumes
 from what an earlier one wrote. The tiny model's checkpoint is small: what is measured is the fixed
 cost of resuming; the report adds the download time of a 70B adapter checkpoint at the throughput
@@ -23,8 +27,10 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -66,8 +72,13 @@ def run_config(name: str, server: S3Server, work: Path, max_steps: int) -> dict[
     }
 
 
-def train(name: str, server: S3Server, work: Path, max_steps: int, attempt: int = 1) -> dict[str, float]:
-    """Run the trainer to the end; seconds from start to the first metrics line and to exit."""
+def train(name: str, server: S3Server, work: Path, max_steps: int, attempt: int = 1) -> dict[str, Any]:
+    """Run the trainer to the end; seconds from its start to each phase and to exit.
+
+    Every output line is stamped with the seconds since the process started as it arrives (the
+    trainer writes line by line); the phases are read from those stamps and from the per-step
+    seconds the launcher writes to ``staged.json`` (see :func:`phases`).
+    """
     folder = work / name / f"attempt-{attempt}-{uuid.uuid4().hex[:6]}"
     folder.mkdir(parents=True)
     config = run_config(name, server, work, max_steps)
@@ -92,20 +103,78 @@ def train(name: str, server: S3Server, work: Path, max_steps: int, attempt: int 
         "--workdir",
         str(folder / "work"),
     ]
-    with (folder / "trainer.log").open("wb") as out:
-        started = time.monotonic()
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        first: float | None = None
-        while proc.poll() is None:
-            if first is None and metrics.exists() and metrics.stat().st_size > 0:
-                first = time.monotonic() - started
-            time.sleep(0.02)
-        ended = time.monotonic() - started
-    log_text = (folder / "trainer.log").read_text(errors="replace")
+    lines: list[tuple[float, str]] = []
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    reader = threading.Thread(target=_stamp_lines, args=(proc, started, lines), daemon=True)
+    reader.start()
+    first: float | None = None
+    while proc.poll() is None:
+        if first is None and metrics.exists() and metrics.stat().st_size > 0:
+            first = time.monotonic() - started
+        time.sleep(0.02)
+    ended = time.monotonic() - started
+    reader.join(10)
+    log_text = "".join(f"[{t:8.3f}] {line}" for t, line in lines)
+    (folder / "trainer.log").write_text(log_text)
     if proc.returncode != 0 or first is None:
         raise RuntimeError(f"trainer {name} exited with {proc.returncode}:\n{log_text[-4000:]}")
     step = json.loads(metrics.read_text().splitlines()[0]).get("step")
-    return {"first_step_s": first, "exit_s": ended, "first_logged_step": float(step or 0)}
+    staged = json.loads((folder / "work" / "staged.json").read_text())
+    return {
+        "first_step_s": first,
+        "exit_s": ended,
+        "first_logged_step": float(step or 0),
+        "phases": phases(lines, staged.get("seconds", {}), first),
+    }
+
+
+def _stamp_lines(proc: subprocess.Popen[bytes], started: float, out: list[tuple[float, str]]) -> None:
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        out.append((time.monotonic() - started, raw.decode(errors="replace")))
+
+
+PHASES = {
+    "launcher start": "Python and the launcher's imports, until staging begins",
+    "model files": "config and tokenizer from S3",
+    "dataset check": "import the tokenizer, read and validate the dataset with exact token counts",
+    "checkpoint": "find the newest complete checkpoint, check its marker, download and check it",
+    "model weights": "the base model's weights from S3",
+    "model load": "torchrun, the worker's imports, data and tokenizer, loading the model",
+    "first step": "building the trainer, restoring adapter/optimizer/RNG state (resume only), step 1",
+}
+STAGED_LINE = "node staged in"  # the launcher's last line before it starts the workers (stage.py)
+LOADED_LINE = "finetune_trainer.loader: loaded"  # the worker's line once the model is loaded
+
+
+def phases(lines: list[tuple[float, str]], staged: dict[str, float], first_step_s: float) -> dict[str, float]:
+    """Seconds per phase of :data:`PHASES`; they add up to ``first_step_s``.
+
+    Staging ends when the launcher logs :data:`STAGED_LINE` and began the sum of its steps earlier;
+    the model is loaded when the worker logs :data:`LOADED_LINE`.
+    """
+    staged_at = _stamp(lines, STAGED_LINE)
+    loaded_at = _stamp(lines, LOADED_LINE)
+    steps = {
+        "model files": staged.get("model_files", 0.0),
+        "dataset check": staged.get("dataset", 0.0),
+        "checkpoint": staged.get("checkpoint", 0.0),
+        "model weights": staged.get("model_weights", 0.0),
+    }
+    return {
+        "launcher start": max(0.0, staged_at - sum(steps.values())),
+        **steps,
+        "model load": loaded_at - staged_at,
+        "first step": first_step_s - loaded_at,
+    }
+
+
+def _stamp(lines: list[tuple[float, str]], text: str) -> float:
+    found = next((t for t, line in lines if text in line), None)
+    if found is None:
+        raise RuntimeError(f"the trainer did not log {text!r}: cannot split its start into phases")
+    return found
 
 
 def copy_checkpoint(server: S3Server, source: str, target: str) -> int:
@@ -138,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             "reps": args.reps,
             "seed_steps": SEED_STEPS,
             "model": "tiny Llama (2 layers, hidden 64), LoRA r=8, 1 process, CPU",
+            "phases": PHASES,
         },
     )
     with S3Server(work / "s3") as server:
@@ -150,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         log("seed run: train to the step-10 checkpoint")
         train("seed", server, work, SEED_STEPS)
         step = f"step-{SEED_STEPS:09d}/"
-        runs: dict[str, list[dict[str, float]]] = {"scratch": [], "resume": []}
+        runs: dict[str, list[dict[str, Any]]] = {"scratch": [], "resume": []}
         for rep in range(args.reps):
             for kind in ("scratch", "resume") if rep % 2 == 0 else ("resume", "scratch"):
                 name = f"{kind}-{rep}"
@@ -169,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         run.data[kind] = {
             "first_step_s": summary([v["first_step_s"] for v in values]),
             "first_logged_step": values[0]["first_logged_step"],
+            "phases_s": {p: statistics.median(v["phases"][p] for v in values) for p in PHASES},
             "runs": values,
         }
     scratch = run.data["scratch"]["first_step_s"]["median"]

@@ -277,6 +277,9 @@ def resume_section(r: Result, download_mb_s: float | None) -> str:
         ["start", "first step", f"process start \u2192 first step, s median (min{DASH}max)", "÷ scratch"],
         rows,
     )
+    if all("phases_s" in d[kind] for kind in ("scratch", "resume")):
+        what = r["params"].get("phases", {})
+        text += "\n\n" + resume_phases(d["scratch"]["phases_s"], d["resume"]["phases_s"], what)
     if download_mb_s:
         extra = 2.7e9 / 1e6 / download_mb_s
         resumed = d["resume"]["first_step_s"]["median"] + extra
@@ -287,6 +290,18 @@ def resume_section(r: Result, download_mb_s: float | None) -> str:
             f"({ratio(resumed / scratch['median'])} of a start from scratch with the tiny model)."
         )
     return text
+
+
+def resume_phases(scratch: dict[str, float], resume: dict[str, float], what: dict[str, str]) -> str:
+    """Where the time to the first step goes, phase by phase (medians), scratch next to resume."""
+
+    def row(name: str, a: float, b: float, note: str) -> list[str]:
+        return [name, num(a, 2), num(b, 2), num(round(b - a, 2) + 0.0, 2), note]  # + 0.0: no -0.00
+
+    rows = [row(name, scratch.get(name, 0.0), value, what.get(name, "")) for name, value in resume.items()]
+    rows.append(row("**sum**", sum(scratch.values()), sum(resume.values()), ""))
+    header = ["phase", "from scratch", "resumed", "resumed \u2212 scratch", "what"]
+    return "Phases, s (medians over the runs of each kind, this machine):\n\n" + table(header, rows)
 
 
 # ---------------------------------------------------------------------------------- plan accuracy

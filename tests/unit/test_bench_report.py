@@ -114,11 +114,21 @@ def sweep_result() -> dict[str, Any]:
 
 
 def resume_result() -> dict[str, Any]:
-    def kind(seconds: list[float], step: float) -> dict[str, Any]:
-        return {"first_step_s": summary(seconds), "first_logged_step": step, "runs": []}
+    def kind(seconds: list[float], step: float, checkpoint: float) -> dict[str, Any]:
+        phases = {
+            "launcher start": 1.0,
+            "checkpoint": checkpoint,
+            "model load": seconds[0] - 1.0 - checkpoint,
+        }
+        return {"first_step_s": summary(seconds), "first_logged_step": step, "phases_s": phases, "runs": []}
 
-    data = {"checkpoint_bytes": 270_000, "scratch": kind([20.0, 20.0], 1), "resume": kind([25.0, 25.0], 11)}
-    return result("resume", "tiny", {"reps": 2, "model": "tiny"}, data)
+    data = {
+        "checkpoint_bytes": 270_000,
+        "scratch": kind([20.0, 20.0], 1, 0.0),
+        "resume": kind([25.0, 25.0], 11, 1.5),
+    }
+    params = {"reps": 2, "model": "tiny", "phases": {"checkpoint": "download and check it"}}
+    return result("resume", "tiny", params, data)
 
 
 def plan_result() -> dict[str, Any]:
@@ -157,6 +167,9 @@ def test_every_figure_comes_with_its_ratio_to_the_baseline() -> None:
     # resume against scratch, and the derived 2.7 GB figure at the measured 250 MB/s download
     assert "| resumed from S3 | 11 | 25.0 (25.0-25.0) | 1.25x |" in page
     assert "adds about 11 s of download at the 250 MB/s" in page
+    # the resume's phases next to scratch's, with the difference
+    assert "| checkpoint | 0.00 | 1.50 | 1.50 | download and check it |" in page
+    assert "| **sum** | 20.00 | 25.00 | 5.00 |  |" in page
     assert "| qlora | h 64, 2 layers, vocab 384 | nf4 | 2 x 128 | yes | 110 | 100 | 1.10x |" in page
 
 
