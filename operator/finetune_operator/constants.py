@@ -20,7 +20,8 @@ FIELD_MANAGER = "finetune-operator"
 """Field manager recorded on every write (shows up in managedFields)."""
 
 FINALIZER = f"{DOMAIN}/finalizer"
-"""kopf's finalizer (timers need one); the children are removed by owner-reference GC."""
+"""The finalizer older versions put on FineTuneJobs for their per-job timers; kopf removes it now.
+The children are removed by owner-reference garbage collection."""
 
 # ------------------------------------------------------------------------------------------- labels
 

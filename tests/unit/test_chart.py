@@ -33,11 +33,11 @@ NAMESPACED_RULES: set[Rule] = {
     ("finetune.dev", "finetunejobs/finalizers", frozenset({"update"})),
     ("batch", "jobs", frozenset({"list", "watch", "create", "delete"})),
     ("", "pods", frozenset({"list", "watch"})),
-    ("", "services", frozenset({"list", "create", "delete"})),
+    ("", "services", frozenset({"create", "delete"})),
     ("", "configmaps", frozenset({"get", "list", "watch", "create", "patch", "delete"})),
-    ("", "serviceaccounts", frozenset({"list", "create"})),
-    ("rbac.authorization.k8s.io", "roles", frozenset({"list", "create"})),
-    ("rbac.authorization.k8s.io", "rolebindings", frozenset({"list", "create"})),
+    ("", "serviceaccounts", frozenset({"create"})),
+    ("rbac.authorization.k8s.io", "roles", frozenset({"create"})),
+    ("rbac.authorization.k8s.io", "rolebindings", frozenset({"create"})),
     ("", "events", frozenset({"create"})),
 }
 OPERATOR_ROLE = "ftj-finetune-operator"
