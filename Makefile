@@ -48,7 +48,7 @@ crds: venv
 lint: venv
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
-	@$(VENV)/bin/mypy operator/finetune_operator trainer_image/finetune_trainer devenv/finetune_devenv
+	@$(VENV)/bin/mypy operator/finetune_operator trainer_image/finetune_trainer devenv/finetune_devenv bench
 	@$(VENV)/bin/lint-imports --no-cache  # layers in .importlinter
 
 test: venv k8s helm external-crds lint

@@ -90,7 +90,7 @@ def by_job_label(obj: dict[str, Any]) -> str:
 
 
 def create_ftj(kube: Kube, name: str) -> dict[str, Any]:
-    response = kube.custom.create_namespaced_custom_object(
+    response: Any = kube.custom.create_namespaced_custom_object(
         api.GROUP, api.VERSION, NAMESPACE, api.PLURAL, finetunejob(name), _preload_content=False
     )
     created: dict[str, Any] = json.loads(response.data)
@@ -99,15 +99,15 @@ def create_ftj(kube: Kube, name: str) -> dict[str, Any]:
 
 def create(kube: Kube, manifest: dict[str, Any]) -> None:
     """A plain client's create: send, read the reply (which hands the connection back to the pool)."""
-    call = {
+    calls: dict[str, Callable[..., Any]] = {
         "ConfigMap": kube.core.create_namespaced_config_map,
         "Service": kube.core.create_namespaced_service,
         "ServiceAccount": kube.core.create_namespaced_service_account,
         "Job": kube.batch.create_namespaced_job,
         "Role": kube.rbac.create_namespaced_role,
         "RoleBinding": kube.rbac.create_namespaced_role_binding,
-    }[manifest["kind"]]
-    _ = call(NAMESPACE, manifest, _preload_content=False).data
+    }
+    _ = calls[manifest["kind"]](NAMESPACE, manifest, _preload_content=False).data
 
 
 def write_jobs_only(kube: Kube, name: str) -> None:
@@ -128,9 +128,10 @@ def write_full(kube: Kube, name: str) -> None:
         create(kube, manifest)
     decision = decide(job, observe(Children(), name), datetime.now(UTC), SETTINGS)
     body = {**raw, "status": dump_status(decision.status)}
-    _ = kube.custom.replace_namespaced_custom_object_status(
+    response: Any = kube.custom.replace_namespaced_custom_object_status(
         api.GROUP, api.VERSION, NAMESPACE, api.PLURAL, name, body, _preload_content=False
-    ).data
+    )
+    _ = response.data
 
 
 class Operator:

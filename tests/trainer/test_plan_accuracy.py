@@ -284,7 +284,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     loaded = {"rss": _status("VmRSS"), "hwm": _status("VmHWM"), "file": _status("RssFile")}
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now (Linux >= 4.0)
     trainer.train()
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    model: Any = trainer.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"baseline": baseline, "loaded": loaded, "peak": _status("VmHWM"), "trainable": trainable}
 
 
