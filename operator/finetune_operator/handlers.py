@@ -10,8 +10,9 @@ on FineTuneJobs (their timers needed one), which is why it is still configured.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import kopf
@@ -34,8 +35,22 @@ def owner_name(body: Mapping[str, Any]) -> str | None:
     return str(owner) if owner else None
 
 
+class EndlessBackoffs:
+    """kopf's delays between retries of one API request, without an end.
+
+    kopf's default (1, 1, 2, 3, 5, 8, 13, 21 s) gives up after about a minute, and a watch that gives
+    up stops the operator: an API server down for longer (an upgrade, a control-plane restart) would
+    take the operator with it. kopf retries as long as the iterable yields and calls ``iter`` on it
+    for every request, so each request starts again from 1 s, then waits 10 s at most.
+    """
+
+    def __iter__(self) -> Iterator[float]:
+        return itertools.chain((1.0, 1.0, 2.0, 3.0, 5.0, 8.0), itertools.repeat(10.0))
+
+
 def configure(kopf_settings: kopf.OperatorSettings) -> None:
-    """Own prefix and finalizer, no kopf-posted events (the operator posts its own), quiet logs."""
+    """Own prefix and finalizer, no kopf-posted events (the operator posts its own), quiet logs,
+    API requests retried for as long as the API server is away."""
     kopf_settings.persistence.finalizer = c.FINALIZER
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.DOMAIN)
     kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -44,7 +59,7 @@ def configure(kopf_settings: kopf.OperatorSettings) -> None:
     kopf_settings.posting.enabled = False
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330
-    kopf_settings.batching.batch_window = 0.1
+    kopf_settings.networking.error_backoffs = EndlessBackoffs()
 
 
 def indexed(kind: str, body: Mapping[str, Any], namespace: str | None) -> dict[cache.Key, Any]:
