@@ -33,6 +33,7 @@ from tests.fixtures.operator import OperatorProcess
 from tests.integration.test_operator_lifecycle import World, now, write_progress
 from tests.support import faults
 from tests.support.builders import make_job
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.timeout(faults.scale(600, 1800))]
 
@@ -62,7 +63,7 @@ def private_world(cluster_private: ControlPlane) -> Iterator[tuple[ControlPlane,
     cluster_private.kubectl("create", "namespace", namespace, check=True)
     api_client = cluster_private.api_client()
     core = client.CoreV1Api(api_client)
-    faults.wait_until(
+    wait_for(
         "the default ServiceAccount",
         lambda: any(
             sa.metadata.name == "default" for sa in core.list_namespaced_service_account(namespace).items
@@ -106,7 +107,7 @@ def test_apiserver_restarted_at_every_stage(
             world.wait_phase("a", "Running", timeout=RECOVERY_SECONDS)
             write_progress(world.core, ns, "a", report("a", 1, 12, [10]))
             restart()
-            faults.wait_until(
+            wait_for(
                 "the checkpoint in status", lambda: world.status("a").get("checkpoints"), RECOVERY_SECONDS
             )
             world.kubelet.fail(pods[1], 1, "RuntimeError: injected")
@@ -146,9 +147,9 @@ def test_apiserver_restarted_at_every_stage(
                 )
                 return bool(world.status("b").get("phase") == "Initializing")
 
-            faults.wait_until("b phase Initializing", b_started, RECOVERY_SECONDS)
+            wait_for("b phase Initializing", b_started, RECOVERY_SECONDS)
             # the status can be written before the watch delivers the Job's ADDED event
-            faults.wait_until("b-a1 seen by the Job watch", lambda: "b-a1" in watch.created(), 30)
+            wait_for("b-a1 seen by the Job watch", lambda: "b-a1" in watch.created(), 30)
             check_a()
             assert {n: len(u) for n, u in watch.created().items()} == {"a-a1": 1, "a-a2": 1, "b-a1": 1}
             gaps = watch.gaps
@@ -224,7 +225,7 @@ def test_status_writes_survive_a_concurrent_writer(
                 world.kubelet.fail(pods[0], 1, "RuntimeError: injected")
                 pods = world.running_pods("a-a2", 2)
                 world.wait_phase("a", "Running", timeout=60)
-        faults.wait_until(
+        wait_for(
             "the last report in status", lambda: world.status("a").get("progress", {}).get("step") == step, 30
         )
         world.kubelet.succeed(*pods)

@@ -36,6 +36,7 @@ from tests.integration.invalid_manifests import CASES, Invalid, base_manifest
 from tests.integration.test_operator_lifecycle import World, now, write_progress
 from tests.support import faults
 from tests.support.builders import make_job
+from tests.support.waiting import wait_for
 
 FUZZED = faults.scale(150, 1000)
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.timeout(faults.scale(600, 1800))]
@@ -78,9 +79,7 @@ def test_invalid_manifest_catalogue_is_refused_with_the_field(
         manifest = base_manifest(f"bad-{case.name}")
         custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, manifest)
     for case in started:
-        faults.wait_until(
-            f"{case.name} started", lambda n=f"bad-{case.name}": world.status(n).get("attempt"), 60
-        )
+        wait_for(f"{case.name} started", lambda n=f"bad-{case.name}": world.status(n).get("attempt"), 60)
     wrong = []
     for case in CASES:
         name = f"bad-{case.name}"
@@ -343,7 +342,7 @@ def test_fuzzed_specs_never_crash_the_operator(
         items = json.loads(response.data)["items"]
         return [i["metadata"]["name"] for i in items if not (i.get("status") or {}).get("phase")]
 
-    faults.wait_until("every accepted spec reconciled", lambda: not unreconciled(), faults.scale(120, 600))
+    wait_for("every accepted spec reconciled", lambda: not unreconciled(), faults.scale(120, 600))
     phases = Counter(world.status(name)["phase"] for name in accepted)
     assert operator.proc.pid == pid and operator.proc.poll() is None, "the operator died"
     assert operator.starts == 1
@@ -411,17 +410,17 @@ def test_garbage_progress_reports_never_wedge_a_job(
         try:
             # a restart takes about a second; 45 s leaves room for a loaded machine, and a job that
             # is wedged stays wedged (the same report fails every reconcile, timer included)
-            faults.wait_until("the next attempt", lambda j=following: j in world.jobs("g"), 45)
+            wait_for("the next attempt", lambda j=following: j in world.jobs("g"), 45)
         except AssertionError:
             wedged.append(garbage[:120])
             good = {"attempt": attempt, "state": "training", "step": 1, "totalSteps": 100, "time": now()}
             write_progress(trainer, namespace, "g", good)  # a sane report unblocks it
-            faults.wait_until("the next attempt", lambda j=following: j in world.jobs("g"), 30)
+            wait_for("the next attempt", lambda j=following: j in world.jobs("g"), 30)
         attempt += 1
     assert not wedged, (
         "the operator stopped acting on the job while its progress ConfigMap held:\n" + "\n".join(wedged)
     )
-    status = faults.wait_until(
+    status = wait_for(
         "the last restart in status", lambda: (s := world.status("g"))["attempt"] == attempt and s, 30
     )
     assert status["restarts"]["total"] == attempt - 1
@@ -430,7 +429,7 @@ def test_garbage_progress_reports_never_wedge_a_job(
 
 
 def _trainer(world: World, name: str) -> client.ApiClient:
-    faults.wait_until(
+    wait_for(
         "the trainer's ServiceAccount",
         lambda: any(sa.metadata.name == c.trainer_identity_name(name)
                     for sa in world.core.list_namespaced_service_account(world.ns).items),

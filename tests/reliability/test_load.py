@@ -30,6 +30,7 @@ from tests.integration.test_operator_lifecycle import now, write_progress
 from tests.support import faults
 from tests.support.builders import make_job
 from tests.support.kubelet import Kubelet
+from tests.support.waiting import wait_for
 
 JOBS = faults.scale(100, 500)
 THREADS = 8
@@ -97,7 +98,7 @@ class Round:
         self._time(
             "all_reconciled", lambda: wait_all("status and one Job each", self._not_started, self.timeout)
         )
-        pods = faults.wait_until("a pod per job", self._pods, self.timeout)
+        pods = wait_for("a pod per job", self._pods, self.timeout)
         parallel(self.kubelet.run, pods.values())
         self._time("progress_mirrored", lambda: self._report_all())
         parallel(self.kubelet.succeed, pods.values())

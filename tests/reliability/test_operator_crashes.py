@@ -43,6 +43,7 @@ from tests.fixtures.operator import OperatorProcess, _release_finetunejobs
 from tests.integration.test_operator_lifecycle import World, now, write_progress
 from tests.support import faults
 from tests.support.builders import make_job
+from tests.support.waiting import wait_for
 
 LIFECYCLES = faults.scale(10, 50)
 CONCURRENCY = faults.scale(5, 10)
@@ -228,9 +229,7 @@ class Driver:
         trainer: client.CoreV1Api | None = None
         for attempt, ending in enumerate(plan.endings, start=1):
             job_name = c.attempt_name(plan.name, attempt)
-            faults.wait_until(
-                f"{job_name} created", lambda jn=job_name: jn in world.jobs(plan.name), self.TIMEOUT
-            )
+            wait_for(f"{job_name} created", lambda jn=job_name: jn in world.jobs(plan.name), self.TIMEOUT)
             pods = world.kubelet.wait_pods(job_name, plan.nodes, timeout=self.TIMEOUT)
             world.kubelet.run(*pods)
             for _ in range(self.rng.randint(0, 2)):
@@ -271,7 +270,7 @@ class Driver:
             world.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, name)
         elif ending == "suspend":
             world.patch_spec(name, {"runPolicy": {"suspend": True}})
-            faults.wait_until(
+            wait_for(
                 f"{name} suspended",
                 lambda: (
                     world.status(name).get("phase") == "Suspended"
@@ -368,7 +367,7 @@ def test_operator_killed_at_random_moments_loses_and_duplicates_nothing(
             )
 
         with contextlib.suppress(AssertionError):  # a job stuck short of its end is reported below
-            faults.wait_until("every lifecycle to end", settled, 120, every=0.5)
+            wait_for("every lifecycle to end", settled, 120, every=0.5)
         time.sleep(3)  # a resync or two, in case something still moves
         jobs = watch.created()
         problems = {p.name: check(p, world, watch, jobs) for p in plans}

@@ -37,6 +37,7 @@ from tests.integration.test_operator_lifecycle import World, now, write_progress
 from tests.support import faults
 from tests.support.builders import make_job
 from tests.support.helm import CHART
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -238,8 +239,8 @@ def test_operator_needs_nothing_beyond_the_charts_rbac(
         status = world.wait_phase("life", "Succeeded", timeout=60)
         assert status["restarts"] == {"total": 1, "countedTowardsLimit": 1, "lastReason": "TrainerError"}
         assert world.wait_phase("bad-data", "Failed", timeout=60)["reason"] == "InvalidData"
-        faults.wait_until("the ttl job deleted by the operator", lambda: world.ftj("ttl") is None, 60)
-        faults.wait_until("the cancelled job gone", lambda: world.ftj("cancel") is None, 60)
+        wait_for("the ttl job deleted by the operator", lambda: world.ftj("ttl") is None, 60)
+        wait_for("the cancelled job gone", lambda: world.ftj("cancel") is None, 60)
         events = {reason for _, reason in world.events("life")}
         assert {"Running", "TrainerError", "Suspended", "Succeeded"} <= events, events
         faults.assert_no_orphans(kube_api, namespace)
@@ -344,8 +345,8 @@ def test_trainer_token_may_only_get_and_patch_its_own_progress(
     world = World(kube_api, namespace)
     world.create(make_job("a").gpus(0).manifest())
     world.create(make_job("b").gpus(0).manifest())
-    faults.wait_until("the trainer's Role", lambda: world.rbac.list_namespaced_role(namespace).items, 60)
-    faults.wait_until("b's progress ConfigMap", lambda: _exists(world, c.progress_name("b")), 60)
+    wait_for("the trainer's Role", lambda: world.rbac.list_namespaced_role(namespace).items, 60)
+    wait_for("b's progress ConfigMap", lambda: _exists(world, c.progress_name("b")), 60)
     authz = client.AuthorizationV1Api(kube_api)
     user = f"system:serviceaccount:{namespace}:{c.trainer_identity_name('a')}"
     names = ["", c.progress_name("a"), c.progress_name("b"), c.run_config_name("a", 1), "a", SECRET]
@@ -424,12 +425,8 @@ def test_a_job_cannot_read_or_write_another_namespace(
     theirs.create(make_job("b").gpus(0).manifest())
     theirs.core.create_namespaced_secret(other, {"metadata": {"name": SECRET}, "stringData": {"k": "v"}})
     for world, name in ((mine, "a"), (theirs, "b")):
-        faults.wait_until(
-            f"{name}'s trainer identity", lambda w=world, n=name: _exists(w, c.progress_name(n)), 60
-        )
-        faults.wait_until(
-            f"{name}'s RoleBinding", lambda w=world: w.rbac.list_namespaced_role_binding(w.ns).items, 60
-        )
+        wait_for(f"{name}'s trainer identity", lambda w=world, n=name: _exists(w, c.progress_name(n)), 60)
+        wait_for(f"{name}'s RoleBinding", lambda w=world: w.rbac.list_namespaced_role_binding(w.ns).items, 60)
     attempts = 0
     for world, name, target, target_name in ((mine, "a", theirs, "b"), (theirs, "b", mine, "a")):
         token = world.token_client(c.trainer_identity_name(name))

@@ -32,6 +32,7 @@ from tests.reliability.test_trainer_faults import complete_steps, resumed_step
 from tests.support import faults
 from tests.support.builders import make_job
 from tests.support.tiny_model import build_tiny_model
+from tests.support.waiting import wait_for
 from tests.trainer.conftest import s3_keys
 from tests.trainer.harness import DATA, TrainerProcess, make_config
 
@@ -103,9 +104,7 @@ def test_s3_down_during_a_checkpoint(tmp_path: Path, s3_server_private: S3Server
         held = proxy.hold(rf"^PUT /{bucket}/ckpt/test/outage/step-000000010/", 1.0)
         assert run.proc is not None
         proc = run.proc
-        faults.wait_until(
-            "the upload of checkpoint 10", lambda: held.started.is_set() or proc.poll() is not None, 600
-        )
+        wait_for("the upload of checkpoint 10", lambda: held.started.is_set() or proc.poll() is not None, 600)
         assert proc.poll() is None, run.log_tail()
         server.kill()  # the held upload reaches a dead server
         down_at = time.monotonic()
@@ -143,7 +142,7 @@ def test_s3_failing_a_fraction_of_requests(
         first = trainer(tmp_path, "flaky", 1, s3_server, s3_bucket, endpoint, **changes).start()
         assert first.proc is not None
         proc = first.proc
-        faults.wait_until(
+        wait_for(
             "checkpoint 10",
             lambda: 10 in complete_steps(s3_server, s3_bucket, "flaky")[0] or proc.poll() is not None,
             900,

@@ -29,6 +29,7 @@ from finetune_devenv.s3server import S3Server
 from finetune_trainer.runconfig import CHECKPOINT_MARKER
 from tests.support import faults
 from tests.support.tiny_model import build_tiny_model
+from tests.support.waiting import wait_for
 from tests.trainer.conftest import s3_keys
 from tests.trainer.harness import TrainerProcess, make_config
 
@@ -115,7 +116,7 @@ class Harness:
         start = start or 0
         if window == "training":  # a random step within two checkpoint intervals (the second, first)
             target = start + rng.randint(EVERY + 1 if first else 1, 2 * EVERY)
-            faults.wait_until(
+            wait_for(
                 f"step {target}", lambda: proc.poll() is not None or (last_step(run) or 0) >= target, 400
             )
             time.sleep(rng.uniform(0.0, 0.5))
@@ -125,7 +126,7 @@ class Harness:
             files = rf"/{self.bucket}/ckpt/test/[^/]+/step-{step:09d}/(?!{CHECKPOINT_MARKER})"
             held = self.proxy.hold(rf"^{method} {files}", HOLD_SECONDS)
             try:
-                faults.wait_until(
+                wait_for(
                     f"{window} of checkpoint {step}",
                     lambda: proc.poll() is not None or held.started.is_set(),
                     400,

@@ -24,7 +24,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,6 +35,7 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import api
 from finetune_operator import constants as c
+from tests.support.waiting import wait_for
 
 SOAK = os.environ.get("FTJ_SOAK", "") not in ("", "0")
 """True under ``make soak``: every suite runs its long form."""
@@ -85,18 +85,6 @@ def _status_mib(pid: int, field: str) -> float:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def wait_until(what: str, probe: Callable[[], Any], timeout: float, every: float = 0.1) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail naming ``what`` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 # ------------------------------------------------------------------------------------------ S3 proxy
@@ -165,7 +153,7 @@ class S3FaultProxy:
 
     def quiet(self, timeout: float = 60) -> None:
         """Wait until no request is in flight (a held request may still reach the server)."""
-        wait_until("S3 proxy to drain", lambda: self.in_flight == 0, timeout)
+        wait_for("S3 proxy to drain", lambda: self.in_flight == 0, timeout)
 
     def figures(self) -> dict[str, Any]:
         with self.lock:

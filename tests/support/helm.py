@@ -77,7 +77,12 @@ def one(docs: Sequence[Mapping[str, Any]], kind: str, name: str | None = None) -
 
 def install_crds(cluster: Cluster, timeout: float = 60) -> None:
     """Apply the chart's CRDs (FineTuneJob, kopf peering) as `helm install` would; wait until served."""
-    files = sorted((CHART / "crds").glob("*.yaml"))
+    apply_crds(cluster, sorted((CHART / "crds").glob("*.yaml")), timeout)
+
+
+def apply_crds(cluster: Cluster, files: Sequence[Path], timeout: float = 60) -> None:
+    """Apply CRD files server-side (some are too big for the last-applied annotation) and wait until
+    each is Established. Idempotent."""
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", *(f"--filename={f}" for f in files), check=True
     )
