@@ -17,7 +17,7 @@ help:
 	@echo "make demo        set up everything and train a tiny FineTuneJob end to end"
 	@echo "make test        set up everything and run every test tier (what CI runs)"
 	@echo "make test-quick  unit + integration, skipping tests marked slow"
-	@echo "make soak        the reliability suites' long form (docs/reliability.md; about an hour)"
+	@echo "make soak        the reliability suites' long form (docs/reliability.md; about 40 minutes)"
 	@echo "make bench       CPU benchmarks, then docs/benchmarks.md (15-20 min; knobs in that page)"
 	@echo "make cluster     start the local control plane (prints how to point kubectl at it)"
 	@echo "make demo-down   stop what make demo started"
