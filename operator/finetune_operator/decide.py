@@ -513,6 +513,30 @@ def _conditions(status: FineTuneJobStatus, now: datetime) -> list[Condition]:
     return conditions
 
 
+def _restart_event(before: FineTuneJobStatus, draft: _Draft) -> None:
+    """A restart the status has not announced yet: its reason as a Warning event.
+
+    Usually the phase change to Restarting carries it. But when the status write of that decision
+    loses a race (the spec changed meanwhile, say to suspend), the next reconcile finds the new
+    attempt already created and goes straight to the next phase: the counters say a restart
+    happened, and this is its only event.
+    """
+    after = draft.status.restarts
+    reason = after.last_reason
+    if after.total <= before.restarts.total or not reason:
+        return
+    if any(event.reason == reason for event in draft.events):
+        return
+    draft.events.append(
+        Event(
+            "Warning",
+            reason,
+            f"attempt {draft.status.attempt - 1} ended ({reason}); restart {after.total} "
+            f"({after.counted_towards_limit} counted) as attempt {draft.status.attempt}",
+        )
+    )
+
+
 def _transition_events(before: FineTuneJobStatus, draft: _Draft) -> None:
     after = draft.status
     if (after.phase, after.reason, after.attempt) != (before.phase, before.reason, before.attempt):
@@ -523,6 +547,7 @@ def _transition_events(before: FineTuneJobStatus, draft: _Draft) -> None:
         draft.events.append(
             Event("Warning" if warning else "Normal", after.reason or after.phase, after.message or "")
         )
+    _restart_event(before, draft)
     old = newest_complete(before.checkpoints)
     new = newest_complete(after.checkpoints)
     if new is not None and (old is None or new.step > old.step):

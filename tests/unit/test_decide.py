@@ -350,6 +350,39 @@ def test_suspended_stays_suspended_while_the_old_job_goes_away() -> None:
     assert created(d) == []
 
 
+def test_a_restart_whose_status_write_was_lost_still_gets_its_event() -> None:
+    """The decision to restart created attempt 2, but its status write lost a race with a suspend:
+    the next reconcile goes straight to Suspended and the restart's reason is announced there."""
+    builder = (
+        make_job("a")
+        .suspend()
+        .status(phase="Restarting", reason="Restarting", attempt=1, startTime=ts(0), restarts={"total": 0})
+    )
+    job = builder.build()
+    intent = AttemptIntent(
+        attempt=2,
+        restarts_total=1,
+        restarts_counted=1,
+        last_restart_reason="TrainerError",
+        cause="TrainerError",
+    )
+    d = world(builder, jobs=[attempt_job(job, 1).deleting(), attempt_job(job, 2, intent)])
+    assert d.status.phase == "Suspended"
+    assert (d.status.restarts.total, d.status.restarts.last_reason) == (1, "TrainerError")
+    warnings = [e for e in d.events if e.reason == "TrainerError"]
+    assert len(warnings) == 1 and warnings[0].type == "Warning", d.events
+
+
+def test_a_restart_announced_by_its_phase_gets_no_second_event() -> None:
+    builder = running(make_job("a"))
+    job = builder.build()
+    d = world(
+        builder, jobs=[attempt_job(job, 1).failed()], pods=[pod(job, 1).exited(1, "RuntimeError: boom")]
+    )
+    assert d.status.phase == "Restarting"
+    assert [e.reason for e in d.events].count(d.status.reason) == 1, d.events
+
+
 def test_resume_starts_the_next_attempt_from_the_newest_checkpoint_uncounted() -> None:
     builder = make_job("a").status(
         phase="Suspended",
