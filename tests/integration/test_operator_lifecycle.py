@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -140,15 +141,24 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def report(attempt: int, step: int, checkpoints: tuple[int, ...] = (), **extra: Any) -> dict[str, Any]:
+def report(
+    attempt: int,
+    step: int,
+    checkpoints: Sequence[int] = (),
+    *,
+    name: str = "a",
+    total_steps: int = 100,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A training progress report of job ``name`` as the trainer writes it."""
     return {
         "attempt": attempt,
         "state": "training",
         "step": step,
-        "totalSteps": 100,
+        "totalSteps": total_steps,
         "time": now(),
         "checkpoints": [
-            {"step": s, "uri": f"s3://ckpt/x/a/step-{s:09d}/", "complete": True, "time": now()}
+            {"step": s, "uri": f"s3://ckpt/x/{name}/step-{s:09d}/", "complete": True, "time": now()}
             for s in checkpoints
         ],
         **extra,

@@ -30,7 +30,7 @@ from finetune_operator import api
 from finetune_operator import conditions as cond
 from finetune_operator import constants as c
 from tests.fixtures.operator import OperatorProcess
-from tests.integration.test_operator_lifecycle import World, now, write_progress
+from tests.integration.test_operator_lifecycle import World, report, write_progress
 from tests.support import faults
 from tests.support.builders import make_job
 from tests.support.waiting import wait_for
@@ -40,20 +40,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.time
 RESTART_DOWN_SECONDS = faults.scale(2, 15)
 RECOVERY_SECONDS = 180
 CONFLICT_REPORTS = faults.scale(10, 60)
-
-
-def report(name: str, attempt: int, step: int, checkpoints: list[int]) -> dict[str, Any]:
-    return {
-        "attempt": attempt,
-        "state": "training",
-        "step": step,
-        "totalSteps": 1000,
-        "time": now(),
-        "checkpoints": [
-            {"step": s, "uri": f"s3://ckpt/x/{name}/step-{s:09d}/", "complete": True, "time": now()}
-            for s in checkpoints
-        ],
-    }
 
 
 @pytest.fixture
@@ -105,7 +91,7 @@ def test_apiserver_restarted_at_every_stage(
             restart()  # the operator may be in the middle of creating attempt 1
             pods = running("a-a1", 2)
             world.wait_phase("a", "Running", timeout=RECOVERY_SECONDS)
-            write_progress(world.core, ns, "a", report("a", 1, 12, [10]))
+            write_progress(world.core, ns, "a", report(1, 12, [10], total_steps=1000))
             restart()
             wait_for(
                 "the checkpoint in status", lambda: world.status("a").get("checkpoints"), RECOVERY_SECONDS
@@ -114,7 +100,7 @@ def test_apiserver_restarted_at_every_stage(
             restart()  # the operator may be in the middle of the gang restart
             pods = running("a-a2", 2)
             world.wait_phase("a", "Running", timeout=RECOVERY_SECONDS)
-            write_progress(world.core, ns, "a", report("a", 2, 25, [10, 20]))
+            write_progress(world.core, ns, "a", report(2, 25, [10, 20], total_steps=1000))
             world.kubelet.succeed(*pods)
             restart()
             world.wait_phase("a", "Succeeded", timeout=RECOVERY_SECONDS)
@@ -219,7 +205,8 @@ def test_status_writes_survive_a_concurrent_writer(
             for _ in range(CONFLICT_REPORTS // 2):
                 step += rng.randint(1, 5)
                 reported.append(step)
-                write_progress(world.core, namespace, "a", report("a", attempt, step, reported[-10:]))
+                latest = report(attempt, step, reported[-10:], total_steps=1000)
+                write_progress(world.core, namespace, "a", latest)
                 time.sleep(rng.uniform(0.05, 0.3))
             if attempt == 1:
                 world.kubelet.fail(pods[0], 1, "RuntimeError: injected")

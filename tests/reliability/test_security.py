@@ -33,7 +33,7 @@ from finetune_operator import constants as c
 from tests.fixtures.e2e import SECRET, Product
 from tests.fixtures.operator import OperatorProcess, _release_finetunejobs
 from tests.integration.test_helm import LocalOperator, Release
-from tests.integration.test_operator_lifecycle import World, now, write_progress
+from tests.integration.test_operator_lifecycle import World, report, write_progress
 from tests.support import faults
 from tests.support.builders import make_job
 from tests.support.helm import CHART
@@ -219,14 +219,14 @@ def test_operator_needs_nothing_beyond_the_charts_rbac(
         world.create(make_job("cancel").gpus(0).manifest())
         pods = world.running_pods("life-a1", 2)
         trainer = client.CoreV1Api(world.token_client(c.trainer_identity_name("life")))
-        write_progress(trainer, namespace, "life", progress(1, 10, [10]))
+        write_progress(trainer, namespace, "life", report(1, 10, [10], name="life"))
         world.kubelet.fail(pods[0], 1, "RuntimeError: injected")
         pods = world.running_pods("life-a2", 2)
         world.patch_spec("life", {"runPolicy": {"suspend": True}})
         world.wait_phase("life", "Suspended", timeout=60)
         world.patch_spec("life", {"runPolicy": {"suspend": False}})
         pods = world.running_pods("life-a3", 2)
-        write_progress(trainer, namespace, "life", progress(3, 20, [10, 20]))
+        write_progress(trainer, namespace, "life", report(3, 20, [10, 20], name="life"))
         world.kubelet.succeed(*pods)
         (pod,) = world.running_pods("bad-data-a1", 1)
         world.kubelet.fail(pod, 3, "train.jsonl line 3: invalid JSON")
@@ -268,20 +268,6 @@ def test_operator_needs_nothing_beyond_the_charts_rbac(
         forbidden_rights_checked=len(OPERATOR_MUST_NOT),
         forbidden_rights_held=0,
     )
-
-
-def progress(attempt: int, step: int, checkpoints: list[int]) -> dict[str, Any]:
-    return {
-        "attempt": attempt,
-        "state": "training",
-        "step": step,
-        "totalSteps": 100,
-        "time": now(),
-        "checkpoints": [
-            {"step": s, "uri": f"s3://ckpt/x/life/step-{s:09d}/", "complete": True, "time": now()}
-            for s in checkpoints
-        ],
-    }
 
 
 # ----------------------------------------------------------------------------------- pod security
@@ -383,7 +369,7 @@ def assert_refused(token: client.ApiClient, namespace: str, name: str) -> int:
         lambda: core.list_namespaced_secret(namespace),
         lambda: core.read_namespaced_secret(SECRET, namespace),
         lambda: core.read_namespaced_config_map(c.progress_name(name), namespace),
-        lambda: write_progress(core, namespace, name, progress(1, 99, [])),
+        lambda: write_progress(core, namespace, name, report(1, 99, [], name="life")),
         lambda: custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name),
         lambda: custom.patch_namespaced_custom_object_status(
             api.GROUP, api.VERSION, namespace, api.PLURAL, name, status,
@@ -430,7 +416,8 @@ def test_a_job_cannot_read_or_write_another_namespace(
     attempts = 0
     for world, name, target, target_name in ((mine, "a", theirs, "b"), (theirs, "b", mine, "a")):
         token = world.token_client(c.trainer_identity_name(name))
-        write_progress(client.CoreV1Api(token), world.ns, name, progress(1, 1, []))  # its own: allowed
+        # its own: allowed
+        write_progress(client.CoreV1Api(token), world.ns, name, report(1, 1, [], name="life"))
         attempts += assert_refused(token, target.ns, target_name)
         token.close()
     assert theirs.status("b").get("phase") != "Succeeded"
