@@ -1,6 +1,6 @@
 """N FineTuneJobs at once: the operator against the same objects created by a plain client.
 
-    python -m bench.operator_scale [--n 100,500] [--concurrency 16]
+    python -m bench.operator_scale [--n 100,500] [--concurrency 16] [--rounds 2]
 
 Three phases per N, each on a fresh local control plane (etcd, kube-apiserver, Job controller,
 garbage collector; no kubelet, so pods stay Pending), each with ``concurrency`` client threads:
@@ -13,6 +13,11 @@ garbage collector; no kubelet, so pods stay Pending), each with ``concurrency`` 
 - ``full``: per item, what the operator's first reconcile writes, without its reads: the
   FineTuneJob, its ServiceAccount, Role, RoleBinding, progress ConfigMap, Service, run-config
   ConfigMap, Job, then the status the operator would write (computed by its own ``decide``).
+
+With ``--rounds R`` every phase runs R times, rounds alternating the order of the phases (forward,
+then backward), so that a change in the machine's load during the run falls on every phase alike.
+Each phase's figures are those of its median round; the ratio to a baseline is the median of the
+ratios of the same round (``ratio_to`` below), which is what the report prints.
 
 Times are taken on this process's clock when watch events arrive (API timestamps are 1 s granular).
 Per-job latency: from the item's first create call to its Job (status) being seen. Before the clock
@@ -350,28 +355,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tag", default="", help="label suffix for experiments: their results are reported apart"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=env_ints("FTJ_BENCH_OPERATOR_ROUNDS", [2])[0],
+        help="runs of every phase, in alternating order (FTJ_BENCH_OPERATOR_ROUNDS, default 2)",
+    )
     args = parser.parse_args(argv)
     work = WORK / "operator"
     work.mkdir(parents=True, exist_ok=True)
+    phases = args.phases.split(";")
     for n in [int(x) for x in args.n.split(",")]:
         params = {
             "n": n,
             "concurrency": args.concurrency,
             "max_workers": SETTINGS.max_workers,
             "tag": args.tag,
+            "rounds": args.rounds,
         }
         run = Run("operator-scale", f"n{n}" + (f"-{args.tag}" if args.tag else ""), params)
-        for phase in args.phases.split(";"):
-            log(f"N={n}: {phase}")
-            run.data[phase] = run_phase(phase, n, args.concurrency, work)
-            times = {
-                k: round(v, 2)
-                for k, v in run.data[phase].items()
-                if k.endswith("_s") and isinstance(v, float)
-            }
-            log(f"N={n}: {phase}: {json.dumps(times)}")
+        rounds: dict[str, list[dict[str, Any]]] = {phase: [] for phase in phases}
+        for i in range(args.rounds):
+            for phase in phases if i % 2 == 0 else phases[::-1]:
+                log(f"N={n}, round {i + 1}/{args.rounds}: {phase}")
+                rounds[phase].append(run_phase(phase, n, args.concurrency, work))
+                times = {
+                    k: round(v, 2)
+                    for k, v in rounds[phase][-1].items()
+                    if k.endswith("_s") and isinstance(v, float)
+                }
+                log(f"N={n}, round {i + 1}/{args.rounds}: {phase}: {json.dumps(times)}")
+        run.data = {phase: median_round(results) for phase, results in rounds.items()}
         run.save()
     return 0
+
+
+def median_round(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median time until all Jobs exist (the lower one of an even count), with
+    every round's times beside it (``rounds``, in round order) for the paired ratios."""
+    median = sorted(results, key=lambda d: d["jobs_s"])[(len(results) - 1) // 2]
+    times = [{k: d[k] for k in ("jobs_s", "status_s") if k in d} for d in results]
+    return {**median, "rounds": times}
 
 
 if __name__ == "__main__":

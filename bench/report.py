@@ -44,6 +44,7 @@ python -m bench.report           # only regenerate this page from bench/results/
 | `FTJ_BENCH_CKPT_GB` | 1.0 | size of the adapter set in GB (2.7 = 70B, r=16, with optimizer state) |
 | `FTJ_BENCH_SMALL_FILES` | 1000 | files of 64-512 KiB in the small-shards set (2000: the full figure) |
 | `FTJ_BENCH_OPERATOR_N` | 100,500 | FineTuneJobs applied at once |
+| `FTJ_BENCH_OPERATOR_ROUNDS` | 2 | runs of each operator phase, alternating their order; the median round is shown |
 | `FTJ_BENCH_REPS` | 3 | repetitions of each checkpoint transfer |
 | `FTJ_BENCH_RESUME_REPS` | 2 | runs of each kind (scratch, resume) in the resume benchmark |
 | `FTJ_BENCH_PLAN_CONFIGS` | all | configurations of the planner benchmark (names from its test) |
@@ -68,6 +69,10 @@ benchmark's clock when watch events arrive (API timestamps have 1 s resolution).
   FineTuneJob, ServiceAccount, Role, RoleBinding, progress ConfigMap, Service, run-config ConfigMap,
   Job, and the status the operator's own `decide` computes. The fair lower bound for the status.
 - Latency: from an item's first create call to its Job (its status) being seen.
+- Rounds: every phase runs `FTJ_BENCH_OPERATOR_ROUNDS` times (default 2), the order of the phases
+  reversed every other round, so that a change of the shared machine's load falls on all phases
+  alike. A row shows the phase's median round; its ratios are the median of the ratios of rounds
+  that ran side by side ("each round" lists them). Results from before rounds existed have one.
 """
 
 EXPERIMENTS_INTRO = """\
