@@ -46,8 +46,10 @@ __all__ = [
     "DatasetReport",
     "LoadedData",
     "check_dataset",
+    "file_sha256",
     "load_datasets",
     "make_token_counter",
+    "read_file",
     "read_records",
     "split_examples",
     "summarize",
@@ -78,27 +80,55 @@ class LoadedData:
 
 
 def read_records(
-    uri: str, report: DatasetReport, *, store: ObjectStore | None = None
+    uri: str, report: DatasetReport, *, store: ObjectStore | None = None, data: bytes | None = None
 ) -> list[tuple[int, Any]]:
     """Read the records behind ``uri`` as ``(line_or_row_number, value)`` pairs, filling ``report``.
 
-    Raises :class:`DataSourceError` when the source cannot be read; a retryable
-    :class:`~finetune_trainer.s3.StorageError` (S3 unreachable for too long) propagates as it is.
+    ``data``: the file's bytes when the caller has read them already (:func:`read_file`), so a large
+    dataset is not downloaded twice. Raises :class:`DataSourceError` when the source cannot be read;
+    a retryable :class:`~finetune_trainer.s3.StorageError` (S3 unreachable for too long) propagates.
     """
-    try:
-        parsed = parse_uri(uri)
-    except ValueError as exc:
-        raise DataSourceError(str(exc)) from exc
+    parsed = _parse(uri)
     if parsed.scheme == "hf":
         return _read_hub(parsed, report)
-    data = _read_s3(parsed, store) if parsed.scheme == "s3" else _read_local(parsed)
-    report.sha256 = hashlib.sha256(data).hexdigest()
+    if data is None:
+        data = _read_file(parsed, store)
+    report.sha256 = file_sha256(data)
     if uri.endswith(".gz"):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:
             raise DataSourceError(f"cannot read {uri}: not a valid gzip file ({exc})") from exc
     return parse_jsonl(data, report)
+
+
+def read_file(uri: str, *, store: ObjectStore | None = None) -> bytes:
+    """The bytes of the dataset file at ``uri`` as stored (before any gunzip), read the way
+    :func:`read_records` reads them; their :func:`file_sha256` is the report's ``sha256``.
+
+    Raises :class:`DataSourceError` for a Hub dataset (``hf://`` names no file) and for what
+    :func:`read_records` refuses.
+    """
+    parsed = _parse(uri)
+    if parsed.scheme == "hf":
+        raise DataSourceError(f"{uri} is a Hugging Face Hub dataset, not a file")
+    return _read_file(parsed, store)
+
+
+def file_sha256(data: bytes) -> str:
+    """The sha256 of a dataset file (hex), as in :attr:`DatasetReport.sha256` and checkpoint markers."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _parse(uri: str) -> Uri:
+    try:
+        return parse_uri(uri)
+    except ValueError as exc:
+        raise DataSourceError(str(exc)) from exc
+
+
+def _read_file(parsed: Uri, store: ObjectStore | None) -> bytes:
+    return _read_s3(parsed, store) if parsed.scheme == "s3" else _read_local(parsed)
 
 
 def _read_local(parsed: Uri) -> bytes:
@@ -174,14 +204,18 @@ def check_dataset(
     seed: int = 42,
     store: ObjectStore | None = None,
     token_counter: TokenCounter | None = None,
+    train_bytes: bytes | None = None,
 ) -> CheckedData:
-    """Read and check the train (and eval) data of ``config``; never raises for bad data: see the report."""
+    """Read and check the train (and eval) data of ``config``; never raises for bad data: see the report.
+
+    ``train_bytes``: the train file as :func:`read_file` returned it, when the caller has it already.
+    """
     report = DatasetReport(source=config.train, method=method)
-    train = _check_file(config.train, report, config, store, token_counter)
+    train = _check_file(config.train, report, config, store, token_counter, train_bytes)
     eval_examples: list[dict[str, Any]] | None = None
     if config.eval is not None:
         report.eval = DatasetReport(source=config.eval, method=method)
-        eval_examples = _check_file(config.eval, report.eval, config, store, token_counter)
+        eval_examples = _check_file(config.eval, report.eval, config, store, token_counter, None)
         if report.eval.format and report.format and report.eval.format != report.format:
             report.eval.add(
                 "error",
@@ -218,8 +252,9 @@ def _check_file(
     config: DatasetConfig,
     store: ObjectStore | None,
     token_counter: TokenCounter | None,
+    data: bytes | None,
 ) -> list[dict[str, Any]]:
-    records = read_records(uri, report, store=store)
+    records = read_records(uri, report, store=store, data=data)
     unit = "row" if uri.startswith("hf://") else "line"
     return check_examples(
         records,

@@ -5,7 +5,9 @@ seconds with exit code 3, before the model is downloaded or a GPU is touched:
 
 1. the model's small files (config, tokenizer, chat template) are fetched;
 2. the dataset is read and validated with a token counter built from that tokenizer and its chat
-   template (every problem reported with its line number);
+   template (every problem reported with its line number); on a resume whose checkpoint was written
+   by a run with exactly this data and these settings, only the dataset's sha256 is computed
+   (:func:`check_data` says why that is safe);
 3. the run config is checked for combinations that cannot work;
 4. the checkpoint to resume from is chosen (``checkpoints.resume_from``, else the newest complete
    one), compared with the current config (incompatible changes fail with INVALID_CONFIG), then
@@ -28,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune_trainer import checkpoints
-from finetune_trainer.data import DataSourceError, check_dataset, make_token_counter
+from finetune_trainer.data import DataSourceError, check_dataset, file_sha256, make_token_counter, read_file
 from finetune_trainer.data_checks import DataValidationError
 from finetune_trainer.errors import TrainerError
-from finetune_trainer.runconfig import ExitCode, RunConfig
+from finetune_trainer.runconfig import DatasetConfig, ExitCode, RunConfig
 from finetune_trainer.s3 import ObjectStore, StorageError
 from finetune_trainer.uris import parse_uri
 
@@ -86,7 +88,7 @@ def stage(config: RunConfig, workdir: Path, store: ObjectStore, *, world_size: i
     with _timer(seconds, "model_files"):
         model_dir = fetch_model(config.model.uri, workdir / "model", store, weights=False)
     with _timer(seconds, "dataset"):
-        sha256 = validate_data(config, model_dir, store)
+        sha256 = check_data(config, model_dir, store, world_size=world_size)
     with _timer(seconds, "checkpoint"):
         resume_dir, resume_step = fetch_resume(
             config, workdir, store, world_size=world_size, data_sha256=sha256
@@ -170,8 +172,92 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tokenizer
 
 
-def validate_data(config: RunConfig, model_dir: Path, store: ObjectStore) -> str:
-    """Check the dataset with exact token counts; returns the train data's sha256."""
+def check_data(config: RunConfig, model_dir: Path, store: ObjectStore, *, world_size: int) -> str:
+    """Step 2: validate the dataset (:func:`validate_data`), unless a resume proves it valid already;
+    returns the train data's sha256.
+
+    The marker of the checkpoint to resume from holds the fingerprint of the run that wrote it: the
+    dataset's sha256 and every dataset, hyperparameter, adapter and model setting. That run's
+    launcher checked exactly that data with exactly those settings before training (or skipped the
+    check for this same reason, which leads back to a run that checked it). So when the current
+    fingerprint equals the saved one, only the train file is read and hashed, and the tokenizer load
+    and the token counts (seconds, mostly importing transformers; minutes for a large dataset) are
+    skipped. Anything else is checked as on a first start: no checkpoint, any difference from the
+    fingerprint (even one that only warrants a warning), an older marker without a fingerprint, a
+    dataset the fingerprint does not cover (:func:`fingerprint_covers_data`). The file read for the
+    hash is the one validated, not downloaded again. The workers still check the data as they load
+    it (``data.load_datasets``), so a change the fingerprint cannot see (new files at the same
+    ``model.uri``, a stricter trainer version) still fails with INVALID_DATA, only later.
+    """
+    saved = _marker_to_resume_from(config, store) if fingerprint_covers_data(config.dataset) else None
+    if saved is None:
+        return validate_data(config, model_dir, store)
+    with _reading_data():
+        raw = read_file(config.dataset.train, store=store)
+    sha256 = file_sha256(raw)
+    current = checkpoints.fingerprint(config, world_size=world_size, data_sha256=sha256)
+    if not validated_before(saved, current):
+        return validate_data(config, model_dir, store, train_bytes=raw)
+    log.info(
+        "dataset check skipped: the checkpoint at step %d was written by a run with this exact "
+        "fingerprint (dataset sha256 %s, same dataset, hyperparameter and model settings), whose "
+        "start checked this data; the workers check it again as they load it",
+        saved.step,
+        sha256[:12],
+    )
+    return sha256
+
+
+def fingerprint_covers_data(dataset: DatasetConfig) -> bool:
+    """Whether ``dataset.train_sha256`` in a fingerprint stands for every byte the check reads.
+
+    Not for a separate eval file (its bytes are not in the fingerprint, only its URI), nor for a Hub
+    dataset (its sha256 is computed from its rows, so hashing it means loading it: no cheaper than
+    the check). An ``evalFraction`` split is covered: it depends on the train bytes and the seed.
+    """
+    try:
+        scheme = parse_uri(dataset.train).scheme
+    except ValueError:  # validate_data says what is wrong with it
+        return False
+    return dataset.eval is None and scheme != "hf"
+
+
+def validated_before(saved: checkpoints.Marker, current: dict[str, Any]) -> bool:
+    """Whether the run that wrote ``saved`` had exactly the fingerprint ``current``."""
+    same_facts = saved.fingerprint == current
+    return same_facts and saved.fingerprint_sha256 == checkpoints.fingerprint_sha256(current)
+
+
+def _marker_to_resume_from(config: RunConfig, store: ObjectStore) -> checkpoints.Marker | None:
+    """The marker of the checkpoint :func:`fetch_resume` will try first, or None: no checkpoint, or
+    one this cannot read (a ``resumeFrom`` that cannot be honoured, an older marker, S3 trouble),
+    all of which :func:`fetch_resume` reports as before, after the data check."""
+    ckpts = checkpoints.CheckpointStore(store, config.checkpoints.uri)
+    try:
+        candidates = _resume_candidates(config, ckpts)
+        return ckpts.read_marker(candidates[0]) if candidates else None
+    except (TrainerError, StorageError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
+
+
+@contextmanager
+def _reading_data() -> Iterator[None]:
+    """Map a failure to read the dataset to the exit code the operator acts on."""
+    try:
+        yield
+    except DataSourceError as exc:
+        raise TrainerError(ExitCode.INPUT_UNREADABLE, str(exc)) from exc
+    except StorageError as exc:
+        raise storage_error(exc, "the dataset") from exc
+
+
+def validate_data(
+    config: RunConfig, model_dir: Path, store: ObjectStore, *, train_bytes: bytes | None = None
+) -> str:
+    """Check the dataset with exact token counts; returns the train data's sha256.
+
+    ``train_bytes``: the train file, when :func:`check_data` has read it already.
+    """
     tokenizer = load_tokenizer(model_dir)
     if getattr(tokenizer, "chat_template", None) is None:
         raise TrainerError(
@@ -179,18 +265,15 @@ def validate_data(config: RunConfig, model_dir: Path, store: ObjectStore) -> str
             f"the tokenizer of {config.model.uri} has no chat template; use an instruct/chat model or add "
             "a chat_template.jinja next to its tokenizer files",
         )
-    try:
+    with _reading_data():
         checked = check_dataset(
             config.dataset,
             config.method,
             seed=config.hyperparameters.seed,
             store=store,
             token_counter=make_token_counter(tokenizer),
+            train_bytes=train_bytes,
         )
-    except DataSourceError as exc:
-        raise TrainerError(ExitCode.INPUT_UNREADABLE, str(exc)) from exc
-    except StorageError as exc:
-        raise storage_error(exc, "the dataset") from exc
     if not checked.report.ok:
         raise TrainerError(ExitCode.INVALID_DATA, str(DataValidationError(checked.report)))
     report = checked.report
