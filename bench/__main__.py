@@ -1,7 +1,7 @@
 """``python -m bench`` (``make bench``): every CPU benchmark at its default size, then the report.
 
 One after another, never at the same time (they would share the machine's cores). ``FTJ_BENCH_SKIP``
-leaves some out (``checkpoints,operator,resume,plan``); the size knobs are read by each benchmark
+leaves some out (``checkpoints,operator,resume,training,plan``); the size knobs are read by each benchmark
 (see docs/benchmarks.md). Results of benchmarks that were skipped stay in bench/results/.
 """
 
@@ -12,13 +12,14 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import checkpoints, operator_scale, plan_accuracy, report, resume
+from bench import checkpoints, operator_scale, plan_accuracy, report, resume, training
 from bench.common import log
 
 STEPS: dict[str, Callable[[list[str]], int]] = {
     "checkpoints": checkpoints.main,
     "operator": operator_scale.main,
     "resume": resume.main,
+    "training": training.main,
     "plan": plan_accuracy.main,
 }
 

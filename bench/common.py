@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,8 +102,25 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(mem_kib / 1024 / 1024, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "gpu": None,
+        "gpu": gpu_name(),
     }
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name and how many there are (``nvidia-smi``), or None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    done = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode != 0 or not names:
+        return None
+    return names[0] if len(names) == 1 else f"{len(names)} x {names[0]}"
 
 
 def git_commit() -> str:

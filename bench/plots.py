@@ -151,3 +151,30 @@ def resume_plot(result: Result, path: Path) -> Path:
         )
     ax.set_xlabel("process start \u2192 first training step, s (this machine)")
     return _save(fig, path)
+
+
+def training_plot(result: Result, path: Path) -> Path:
+    """Real tokens/s of every phase that ran, as a ratio to trl-defaults of the same run; one panel
+    per method (the deepest layer count measured)."""
+    depths = result["data"]["depths"]
+    phases = depths[max(depths, key=int)]
+    methods = [m for m, by_name in phases.items() if any("tokens_per_s" in p for p in by_name.values())]
+    fig, axes = plt.subplots(
+        1, max(1, len(methods)), figsize=(4.6 * max(1, len(methods)), 3.4), squeeze=False
+    )
+    for ax, method in zip(axes[0], methods, strict=False):
+        ran = {n: p for n, p in phases[method].items() if "tokens_per_s" in p}
+        base = ran.get("trl-defaults", {}).get("tokens_per_s")
+        if not base:
+            continue
+        names = list(ran)
+        values = [ran[n]["tokens_per_s"] / base for n in names]
+        colors = [COLORS["boto3-default"] if n == "trl-defaults" else COLORS["ours"] for n in names]
+        ax.barh(names[::-1], values[::-1], color=colors[::-1])
+        ax.axvline(1.0, color="#7f7f7f", linestyle="--", linewidth=1)
+        for y, value in enumerate(values[::-1]):
+            ax.text(value, y, f" {value:.2f}x", va="center", fontsize=8)
+        ax.set_xlim(0, max(values) * 1.25)
+        ax.set_title(f"{method.upper()}: real tokens/s \u00f7 trl-defaults", fontsize=9)
+    fig.suptitle(f"Training throughput, {result['label']} (same run, same machine)", fontsize=10)
+    return _save(fig, path)

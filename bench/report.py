@@ -33,7 +33,7 @@ average before and after each run, because the development machines are shared w
 ## How to run
 
 ```bash
-make bench                       # CPU-sized defaults (15-20 minutes on 2 shared cores), then this page
+make bench                       # CPU-sized defaults (20-25 minutes on 2 shared cores), then this page
 FTJ_BENCH_CKPT_GB=2.7 FTJ_BENCH_SMALL_FILES=2000 FTJ_BENCH_OPERATOR_N=100,500,1000 make bench  # full
 python -m bench.checkpoints sweep --gb 1.0 --reps 2                   # the settings sweep
 python -m bench.report           # only regenerate this page from bench/results/
@@ -44,12 +44,13 @@ python -m bench.report           # only regenerate this page from bench/results/
 | `FTJ_BENCH_CKPT_GB` | 1.0 | size of the adapter set in GB (2.7 = 70B, r=16, with optimizer state) |
 | `FTJ_BENCH_SMALL_FILES` | 1000 | files of 64-512 KiB in the small-shards set (2000: the full figure) |
 | `FTJ_BENCH_OPERATOR_N` | 100,500 | FineTuneJobs applied at once |
-| `FTJ_BENCH_OPERATOR_ROUNDS` | 2 | runs of each operator phase, alternating their order; the median round is shown |
+| `FTJ_BENCH_OPERATOR_ROUNDS` | 2 | runs of each operator phase, order alternating; the median is shown |
 | `FTJ_BENCH_REPS` | 3 | repetitions of each checkpoint transfer |
 | `FTJ_BENCH_RESUME_REPS` | 2 | runs of each kind (scratch, resume) in the resume benchmark |
+| `FTJ_BENCH_TRAINING_REPS` | 2 | repetitions of each training phase (order reversed every other one) |
 | `FTJ_BENCH_PLAN_CONFIGS` | all | configurations of the planner benchmark (names from its test) |
 | `FTJ_BENCH_DIR` | `.local/bench` | scratch folder: must be on disk, not tmpfs |
-| `FTJ_BENCH_SKIP` | (none) | benchmarks `make bench` leaves out: checkpoints,operator,resume,plan |
+| `FTJ_BENCH_SKIP` | (none) | benchmarks `make bench` leaves out: checkpoints,operator,resume,training,plan |
 
 Each benchmark writes `bench/results/<bench>-<label>.json`; a result published from a long run
 stays until that size is measured again.
@@ -101,6 +102,31 @@ Every upload goes to a fresh SeaweedFS (`finetune_devenv.s3server`) in a fresh d
 downloads read the objects ObjectStore wrote. An upload ends when the server acknowledged the last
 part, a download when the last file is written (as when the trainer resumes). Client and server
 share the machine's cores.
+"""
+
+TRAINING_INTRO = """\
+`python -m bench.training` trains the same random-initialised Llama on the same synthetic chat data
+(lengths log-normal, fixed seed) in several ways, each in its own process, and compares each with a
+plain TRL script run in the same invocation:
+
+- **trl-defaults**: TRL's own `trl sft`/`trl dpo` script path: `SFTTrainer`/`DPOTrainer` with every
+  config field at its default (micro-batch 8, no accumulation, `max_length` 1024, gradient
+  checkpointing, bf16 on a GPU), LoRA r=16 on all linear layers, QLoRA (NF4, bf16 compute) on a GPU;
+- **ours**: the trainer's path: the operator renders a one-GPU FineTuneJob (size-aware micro-batch and
+  accumulation), the trainer's data checks, loader, `common_arguments` and the method's recipe (SFT
+  without packing groups micro-batches by length);
+- **ours-random** (SFT): the trainer before it grouped micro-batches by length (random order, as
+  TRL's default): what grouping gains;
+- **ours+X**: one change each: `packing` (TRL's best-fit-decreasing packing with per-sequence position
+  ids, so packed examples stay apart), `mb1` (micro-batch 1 and the accumulation that keeps the rows
+  per step), `liger` (Liger's Triton kernels), `fa2`/`fa3` (flash attention 2/3 instead of sdpa).
+
+Real tokens are tokens of the data; all tokens include padding. Warm-up steps are not timed. Model
+FLOPs per real token (for MFU, GPU only; N_f frozen matmul parameters including the LM head, N_l LoRA
+parameters, L layers, d attention width, c mean attended context of a token): SFT
+4 N_f + 6 N_l + 12 L d c (the frozen base needs activation gradients but no weight gradients); DPO adds
+the reference forward, 6 N_f + 6 N_l + 16 L d c. Recomputation under gradient checkpointing is not
+counted. MFU divides by the GPU's dense bf16 peak (H100 SXM and H200: 989 TFLOP/s).
 """
 
 
@@ -159,13 +185,8 @@ def render(results: Sequence[Result], findings: str = "", img: str = "img") -> s
     if not resume:
         out += ["Not measured yet: run `python -m bench.resume`.", ""]
 
-    out += [
-        "## 3. Training on a GPU",
-        "",
-        "**TODO**: not measured. No GPU machine was lent to the session that built these "
-        "benchmarks; throughput and memory at realistic shapes need one.",
-        "",
-    ]
+    out += ["## 3. Training on a GPU", "", TRAINING_INTRO]
+    out += [tables.training_section(_by(results, "training"), img), ""]
 
     out += ["## 4. Memory planner accuracy", ""]
     plan = _by(results, "plan-accuracy")
@@ -196,6 +217,8 @@ def write_plots(results: Sequence[Result], folder: Path) -> list[Path]:
         written.append(plots.sweep_plot(r, folder / f"bench-checkpoint-sweep-{r['label']}.png"))
     for r in _by(results, "resume"):
         written.append(plots.resume_plot(r, folder / "bench-resume.png"))
+    for r in _by(results, "training"):
+        written.append(plots.training_plot(r, folder / f"bench-training-{r['label']}.png"))
     return written
 
 

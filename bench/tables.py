@@ -363,3 +363,165 @@ def plan_section(r: Result) -> str:
         "largest terms (MiB)",
     ]
     return f"{r['params'].get('what', '')}\n\n" + table(header, rows)
+
+
+# --------------------------------------------------------------------------------------- training
+
+TRAINING_BASELINE = "trl-defaults"
+
+
+def _training_row(method: str, name: str, p: Result, base: Result, ours: Result, on_gpu: bool) -> list[str]:
+    if "tokens_per_s" not in p:
+        why = f"not run ({p['not_run']})" if "not_run" in p else f"failed ({_last_line(p.get('failed', ''))})"
+        return [method, name, why, *[""] * 8]
+    tps, peak = p["tokens_per_s"], p["peak_mib"]
+    base_tps, base_peak = base.get("tokens_per_s"), base.get("peak_mib")
+    ours_tps = ours.get("tokens_per_s") if name.startswith("ours+") else None
+    return [
+        method,
+        name,
+        num(tps, 0),
+        ratio(tps / base_tps) if base_tps else NONE,
+        ratio(tps / ours_tps) if ours_tps else "",
+        f"{num(p['all_tokens_per_s'], 0)} ({num(100 * p['padding_share'], 0)} %)",
+        num(p["step_s_p50"], 2),
+        f"{p['micro_batch']} {TIMES} {p['accumulation']}",
+        f"{num(peak, 0)} ({ratio(peak / base_peak) if base_peak else NONE})",
+        (f"{num(100 * p['mfu'], 1)} %" if "mfu" in p else NONE)
+        if on_gpu
+        else _per_cpu_second(p.get("tokens_per_cpu_s"), base.get("tokens_per_cpu_s")),
+    ]
+
+
+def _per_cpu_second(value: float | None, base: float | None) -> str:
+    return f"{num(value, 0)} ({ratio(value / base) if value and base else NONE})"
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "no output")[:160].replace("|", "/")
+
+
+def training_table(phases: dict[str, dict[str, Result]], on_gpu: bool) -> str:
+    header = [
+        "method",
+        "phase",
+        "real tokens/s",
+        f"\u00f7 {TRAINING_BASELINE}",
+        "\u00f7 ours",
+        "all tokens/s (padding)",
+        "step p50 (s)",
+        "rows/step (micro-batch x accumulation)",
+        "peak GPU memory allocated, MiB (\u00f7 baseline)" if on_gpu else "peak RSS, MiB (\u00f7 baseline)",
+        "MFU" if on_gpu else "real tokens per CPU-s (\u00f7 baseline)",
+    ]
+    rows = []
+    for method, by_name in phases.items():
+        base, ours = by_name.get(TRAINING_BASELINE, {}), by_name.get("ours", {})
+        rows += [_training_row(method, name, p, base, ours, on_gpu) for name, p in by_name.items()]
+    return table(header, rows)
+
+
+def training_result(r: Result) -> str:
+    """One run of bench.training: what ran where, a table per layer count, the extrapolation."""
+    p, d = r["params"], r["data"]
+    on_gpu = p["device"] == "cuda"
+    s = p["shape"]
+    where = p["gpu"] if on_gpu else f"CPU ({r['machine']['cpu']}, {p['cpu_threads']} thread)"
+    lines = [
+        f"**{r['label']}** on {where}: {p['shape_name']} shape (hidden {s['hidden']}, {s['layers']} "
+        f"layers, {s['heads']} heads, {s['kv_heads']} KV heads, intermediate {s['intermediate']}, "
+        f"vocab {s['vocab']}), "
+        f"random weights; {p['precision']}; LoRA r={p['lora_r']} on all linear layers; {p['data']}; "
+        f"{p['reps']} repetition(s), the phase order reversed on every other one (medians).",
+    ]
+    if p.get("resumed"):
+        lines[0] += (
+            f" Continued (`--resume`) from invocations started {', '.join(p['resumed'])} on this machine."
+        )
+    if not on_gpu:
+        lines += [
+            "",
+            "CPU figures are **ratios only**: a tiny model on shared cores says which code path "
+            "processes more tokens per second here, not what a GPU does, and no absolute figure of it "
+            "stands for one. The last column divides by the training process's CPU time instead of wall "
+            "time: other work on shared cores slows the wall clock, much less the CPU time.",
+        ]
+    workload = d.get("workload", {})
+    if workload:
+        lines += [
+            "",
+            "Data: "
+            + "; ".join(
+                f"{m} {w['examples']} examples, tokens median {num(w['tokens_median'], 0)}, p90 "
+                f"{num(w['tokens_p90'], 0)}, max {num(w['tokens_max'], 0)}"
+                + (" (both sequences of a pair)" if m == "dpo" else "")
+                for m, w in workload.items()
+            )
+            + ".",
+        ]
+    full = d.get("full_layers")
+    for layers, phases in d["depths"].items():
+        if full:
+            lines += ["", f"With {layers} of {full} layers:"]
+        lines += ["", training_table(phases, on_gpu)]
+    extra = d.get("extrapolated")
+    if full and extra:
+        rows = []
+        for method, by_name in extra.items():
+            base = by_name.get(TRAINING_BASELINE, {}).get("tokens_per_s")
+            for name, e in by_name.items():
+                rows.append(
+                    [
+                        method,
+                        name,
+                        num(e["tokens_per_s"], 0),
+                        ratio(e["tokens_per_s"] / base) if base else NONE,
+                        num(e["peak_mib"], 0),
+                        ", ".join(map(str, e["from_layers"])),
+                    ]
+                )
+        header = [
+            "method",
+            "phase",
+            "real tokens/s",
+            f"\u00f7 {TRAINING_BASELINE}",
+            "peak MiB",
+            "fit from layers",
+        ]
+        lines += [
+            "",
+            f"Extrapolated to all {full} layers (not measured: seconds per token and peak memory fitted "
+            "linearly in the layer count):",
+            "",
+            table(header, rows),
+        ]
+    elif full:
+        lines += ["", f"Not extrapolated to {full} layers: that needs two layer counts (`--layers 4,8`)."]
+    return "\n".join(lines)
+
+
+def training_section(results: Sequence[Result], img: str = "img") -> str:
+    """Every bench.training result (its plot, then its tables), GPU results first; says plainly
+    when no GPU has run it. ``img`` is the plots' folder relative to the page."""
+    runs = sorted(results, key=lambda r: (r["params"]["device"] != "cuda", r["label"]))
+    parts = [
+        f"![training {r['label']}]({img}/bench-training-{r['label']}.png)\n\n{training_result(r)}"
+        for r in runs
+    ]
+    if not any(r["params"]["device"] == "cuda" for r in runs):
+        parts.append(
+            "**No GPU figures yet.** No GPU was lent to the sessions that ran this benchmark, so there "
+            "are no absolute throughputs, MFU or GPU memory figures. On a GPU machine, run:\n\n"
+            "```bash\n"
+            "python -m bench.training --device cuda --shape llama-3.1-8b --method sft --resume\n"
+            "python -m bench.training --device cuda --shape llama-3.1-8b --method dpo --resume\n"
+            "python -m bench.training --device cuda --shape llama-3.1-70b --layers 4,8 --method sft "
+            "--resume\n"
+            "```\n\n"
+            "then `python -m bench.report`. Each writes "
+            "`bench/results/training-<gpu>-<shape>[-<layers>]-<method>.json` after every phase; a command "
+            "cut short continues where it stopped when run again with `--resume`, and `--phases` picks "
+            "phases (trl-defaults always runs)."
+        )
+    return "\n\n".join(parts)

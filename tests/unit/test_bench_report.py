@@ -143,8 +143,74 @@ def plan_result() -> dict[str, Any]:
     return result("plan-accuracy", "cpu", {"what": "CPU runs"}, {"rows": [row]})
 
 
+def training_phase(
+    tps: float, peak: float, micro: int = 8, accumulation: int = 1, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "tokens_per_s": tps,
+        "all_tokens_per_s": 2 * tps,
+        "padding_share": 0.5,
+        "step_s_p50": 0.25,
+        "peak_mib": peak,
+        "micro_batch": micro,
+        "accumulation": accumulation,
+        **extra,
+    }
+
+
+def training_result(device: str = "cpu", layers: tuple[int, ...] = (4,)) -> dict[str, Any]:
+    on_gpu = device == "cuda"
+    params = {
+        "device": device,
+        "gpu": "NVIDIA H100 80GB HBM3" if on_gpu else None,
+        "shape_name": "llama-3.1-70b" if on_gpu else "tiny",
+        "shape": {"hidden": 128, "layers": 80 if on_gpu else 4, "heads": 4, "kv_heads": 2},
+        "precision": "QLoRA: NF4 base, bf16 compute" if on_gpu else "LoRA, fp32 (no 4-bit on CPU)",
+        "cpu_threads": None if on_gpu else 1,
+        "lora_r": 16,
+        "reps": 2,
+        "data": "log-normal lengths",
+    }
+    params["shape"] |= {"intermediate": 384, "vocab": 512}
+    mfu = {"mfu": 0.4} if on_gpu else {"tokens_per_cpu_s": 2000.0}
+    depths = {
+        str(k): {
+            "sft": {
+                "trl-defaults": training_phase(1000.0 / k, 1000.0 * k, **mfu),
+                "ours": training_phase(1500.0 / k, 1100.0 * k, 16, 4, **mfu),
+                "ours+packing": training_phase(3000.0 / k, 1200.0 * k, 16, 4, **mfu) | {"padding_share": 0.0},
+                "ours+liger": {"not_run": "GPU only: Liger's kernels are Triton kernels"},
+            },
+            "dpo": {
+                "trl-defaults": training_phase(800.0 / k, 900.0 * k, **mfu),
+                "ours": {"failed": "Traceback ...\nRuntimeError: boom | here"},
+            },
+        }
+        for k in layers
+    }
+    data: dict[str, Any] = {
+        "workload": {"sft": {"examples": 900, "tokens_median": 31, "tokens_p90": 67, "tokens_max": 125}},
+        "depths": depths,
+    }
+    if on_gpu:
+        extra = {"tokens_per_s": 20.0, "peak_mib": 50_000.0, "from_layers": list(layers)}
+        data |= {
+            "full_layers": 80,
+            "extrapolated": {"sft": {"trl-defaults": extra, "ours": extra | {"tokens_per_s": 30.0}}},
+        }
+    label = "h100-llama-3.1-70b-4l-8l" if on_gpu else "cpu-tiny"
+    return result("training", label, params, data)
+
+
 def all_results() -> list[dict[str, Any]]:
-    return [checkpoint_result(), sweep_result(), operator_result(), plan_result(), resume_result()]
+    return [
+        checkpoint_result(),
+        sweep_result(),
+        operator_result(),
+        plan_result(),
+        resume_result(),
+        training_result(),
+    ]
 
 
 def test_every_figure_comes_with_its_ratio_to_the_baseline() -> None:
@@ -200,7 +266,8 @@ def test_tagged_operator_runs_are_reported_as_experiments() -> None:
 def test_missing_benchmarks_are_marked_todo() -> None:
     page = report.render([])
     assert "Not measured yet: run `python -m bench.checkpoints`." in page
-    assert "**TODO**: not measured. No GPU machine" in page
+    assert "**No GPU figures yet.**" in page
+    assert "python -m bench.training --device cuda --shape llama-3.1-8b --method sft" in page
     assert "**TODO**: `ftjob plan`'s CPU estimate" in page
 
 
@@ -227,6 +294,7 @@ def test_main_writes_the_page_and_plots_and_drops_stale_plots(tmp_path: Path) ->
         "bench-checkpoints-1gb.png",
         "bench-operator.png",
         "bench-resume.png",
+        "bench-training-cpu-tiny.png",
     ]
     for name in images:
         assert f"](img/{name})" in page
@@ -245,3 +313,35 @@ def test_ratio_and_number_formatting() -> None:
     assert tables.ratio(1.234) == "1.23x"
     assert tables.ratio(None) == "n/a"
     assert tables.num(1234.5, 0) == "1,234"
+
+
+def test_training_rows_are_ratios_to_trl_defaults_and_skipped_phases_say_why() -> None:
+    page = report.render([training_result()])
+    section = page.split("## 3. Training on a GPU")[1].split("## 4.")[0]
+    assert "| sft | trl-defaults | 250 | 1.00x |  | 500 (50 %) | 0.25 | 8 x 1 | 4,000 (1.00x) |" in section
+    assert (
+        "| sft | ours | 375 | 1.50x |  | 750 (50 %) | 0.25 | 16 x 4 | 4,400 (1.10x) | 2,000 (1.00x) |"
+        in section
+    )
+    assert (
+        "| sft | ours+packing | 750 | 3.00x | 2.00x | 1,500 (0 %) |" in section
+    )  # the gain of packing alone
+    assert "| sft | ours+liger | not run (GPU only: Liger's kernels are Triton kernels) |" in section
+    assert "| dpo | ours | failed (RuntimeError: boom / here) |" in section
+    assert "MFU" not in section.split("| method |")[1].split("\n")[0]  # no MFU column on a CPU
+    assert "real tokens per CPU-s" in section
+    assert "CPU figures are **ratios only**" in section
+    assert "**No GPU figures yet.**" in section
+    assert "![training cpu-tiny](img/bench-training-cpu-tiny.png)" in section
+
+
+def test_gpu_training_results_show_mfu_and_the_per_layer_extrapolation() -> None:
+    page = report.render([training_result("cuda", (4, 8)), training_result()])
+    section = page.split("## 3. Training on a GPU")[1].split("## 4.")[0]
+    assert section.index("h100-llama-3.1-70b-4l-8l") < section.index("**cpu-tiny**")  # GPU first
+    assert "on NVIDIA H100 80GB HBM3: llama-3.1-70b shape" in section
+    assert "With 4 of 80 layers:" in section and "With 8 of 80 layers:" in section
+    assert "| sft | ours | 188 | 1.50x |  | 375 (50 %) | 0.25 | 16 x 4 | 8,800 (1.10x) | 40.0 % |" in section
+    assert "Extrapolated to all 80 layers" in section
+    assert "| sft | ours | 30 | 1.50x | 50,000 | 4, 8 |" in section
+    assert "**No GPU figures yet.**" not in section
