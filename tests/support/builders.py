@@ -20,7 +20,7 @@ from finetune_operator import constants as c
 from finetune_operator.api import FineTuneJob
 from finetune_operator.render import AttemptIntent, job_children, training_job
 from finetune_operator.settings import Settings
-from finetune_trainer.runconfig import PROGRESS_KEY
+from finetune_trainer.runconfig import PROGRESS_KEY, RunConfig
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 """The unit tests' clock starts here."""
@@ -298,3 +298,19 @@ def progress_config_map(job: FineTuneJob, report: dict[str, Any] | None = None) 
 def identity_objects(job: FineTuneJob) -> list[dict[str, Any]]:
     """The trainer's ServiceAccount, Role and RoleBinding as rendered."""
     return copy.deepcopy(job_children(job)[1:])
+
+
+def run_config(**changes: Any) -> RunConfig:
+    """A valid trainer RunConfig; each keyword replaces a top-level field, or updates it if both are dicts."""
+    base: dict[str, Any] = {
+        "job": {"namespace": "ns", "name": "j"},
+        "method": "sft",
+        "model": {"uri": "s3://models/llama/"},
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "checkpoints": {"uri": "s3://ckpt/ns/j/"},
+        "output": {"uri": "s3://out/j/"},
+    }
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        base[key] = {**base[key], **value} if both else value
+    return RunConfig.model_validate(base)

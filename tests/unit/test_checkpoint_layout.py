@@ -13,26 +13,9 @@ from finetune_trainer.checkpoints import (
     retention,
     step_dir,
 )
-from finetune_trainer.runconfig import RunConfig
+from tests.support.builders import run_config as config
 
 pytestmark = pytest.mark.unit
-
-
-def config(**changes: object) -> RunConfig:
-    base: dict[str, object] = {
-        "job": {"namespace": "ns", "name": "j"},
-        "method": "sft",
-        "model": {"uri": "s3://models/llama/"},
-        "dataset": {"train": "s3://data/train.jsonl"},
-        "checkpoints": {"uri": "s3://ckpt/ns/j/"},
-        "output": {"uri": "s3://out/j/"},
-    }
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}  # type: ignore[dict-item]
-        else:
-            base[key] = value
-    return RunConfig.model_validate(base)
 
 
 def test_step_folders_have_nine_digits_and_sort_in_step_order() -> None:

@@ -13,26 +13,13 @@ import pytest
 from finetune_trainer.checkpoints import Marker, fingerprint, fingerprint_sha256
 from finetune_trainer.data import DataSourceError, check_dataset, file_sha256, read_file, read_records
 from finetune_trainer.data_checks import DatasetReport
-from finetune_trainer.runconfig import DatasetConfig, RunConfig
+from finetune_trainer.runconfig import DatasetConfig
 from finetune_trainer.stage import fingerprint_covers_data, validated_before
+from tests.support.builders import run_config as config
 
 pytestmark = pytest.mark.unit
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-def config(**changes: Any) -> RunConfig:
-    base: dict[str, Any] = {
-        "job": {"namespace": "ns", "name": "j"},
-        "method": "sft",
-        "model": {"uri": "s3://models/llama/"},
-        "dataset": {"train": "s3://data/train.jsonl"},
-        "checkpoints": {"uri": "s3://ckpt/ns/j/"},
-        "output": {"uri": "s3://out/j/"},
-    }
-    for key, value in changes.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return RunConfig.model_validate(base)
 
 
 def marker(facts: dict[str, Any], sha: str | None = None) -> Marker:
