@@ -18,7 +18,7 @@ help:
 	@echo "make test        set up everything and run every test tier (what CI runs)"
 	@echo "make test-quick  unit + integration, skipping tests marked slow"
 	@echo "make soak        the reliability suites' long form (docs/reliability.md; about 40 minutes)"
-	@echo "make bench       CPU benchmarks, then docs/benchmarks.md (about 30 min; knobs in that page)"
+	@echo "make bench       CPU benchmarks, then docs/benchmarks.md (15-25 min; knobs in that page)"
 	@echo "make cluster     start the local control plane (prints how to point kubectl at it)"
 	@echo "make demo-down   stop what make demo started"
 	@echo "make cluster-down / s3 / s3-down / node-agent / node-agent-down / crds / lint / helm / docs"

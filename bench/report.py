@@ -33,7 +33,7 @@ average before and after each run, because the development machines are shared w
 ## How to run
 
 ```bash
-make bench                       # CPU-sized defaults (20-25 minutes on 2 shared cores), then this page
+make bench                       # CPU-sized defaults (15-25 minutes on 2 shared cores), then this page
 FTJ_BENCH_CKPT_GB=2.7 FTJ_BENCH_SMALL_FILES=2000 FTJ_BENCH_OPERATOR_N=100,500,1000 make bench  # full
 python -m bench.checkpoints sweep --gb 1.0 --reps 2                   # the settings sweep
 python -m bench.report           # only regenerate this page from bench/results/

@@ -184,7 +184,11 @@ class DatasetSpec(ApiModel):
     max_seq_length: int = Field(
         2048, ge=16, le=262144, description="Longest tokenised example; longer examples fail validation."
     )
-    packing: bool = Field(False, description="Pack several short examples per sequence (SFT only).")
+    packing: bool = Field(
+        False,
+        description="Pack several short examples per sequence (SFT only; position ids keep them apart). "
+        "Without packing, micro-batches are grouped by length to pad less.",
+    )
 
 
 class HyperparametersSpec(ApiModel):
