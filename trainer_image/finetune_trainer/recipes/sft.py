@@ -11,15 +11,14 @@ it, micro-batches are grouped by length.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
-import torch
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
 from finetune_trainer.recipes import RecipeInputs
+from finetune_trainer.recipes.sampling import EpochSeededGroups
 
 log = logging.getLogger(__name__)
 
@@ -68,39 +67,11 @@ def build_trainer(inputs: RecipeInputs) -> SFTTrainer:
 
 
 class _SFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer whose length-grouped sampler resumes exactly (see :class:`EpochSeededGroups`)."""
+    """TRL's SFTTrainer whose length-grouped sampler resumes exactly (see :class:`.EpochSeededGroups`)."""
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
             seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
-            return EpochSeededGroups(sampler, seed)
+            return EpochSeededGroups(list(sampler.lengths), sampler.batch_size, seed)
         return sampler
-
-
-class EpochSeededGroups(torch.utils.data.Sampler[int]):
-    """transformers' length-grouped order, drawn from a generator seeded with ``seed + epoch``.
-
-    transformers' own sampler draws from the global RNG when an epoch starts. A resumed run restores
-    the RNG state of the checkpoint, not of the start of its epoch, so it would skip the trained
-    batches of another order and train on the wrong examples. Seeded per epoch (the Trainer calls
-    ``set_epoch`` through accelerate), every rank and every resume sees the same order, as with the
-    seeded random sampler accelerate puts in place of a ``RandomSampler``.
-    """
-
-    def __init__(self, grouped: LengthGroupedSampler, seed: int) -> None:
-        self.lengths: list[int] = list(grouped.lengths)
-        self.batch_size: int = grouped.batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)  # type: ignore[no-untyped-call]
-        return iter(order)
