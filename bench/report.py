@@ -113,10 +113,10 @@ plain TRL script run in the same invocation:
   config field at its default (micro-batch 8, no accumulation, `max_length` 1024, gradient
   checkpointing, bf16 on a GPU), LoRA r=16 on all linear layers, QLoRA (NF4, bf16 compute) on a GPU;
 - **ours**: the trainer's path: the operator renders a one-GPU FineTuneJob (size-aware micro-batch and
-  accumulation), the trainer's data checks, loader, `common_arguments` and the method's recipe (SFT
-  without packing groups micro-batches by length);
-- **ours-random** (SFT): the trainer before it grouped micro-batches by length (random order, as
-  TRL's default): what grouping gains;
+  accumulation), the trainer's data checks, loader, `common_arguments` and the method's recipe
+  (micro-batches grouped by length, unless SFT packs);
+- **ours-random**: the trainer before it grouped micro-batches by length (random order, as TRL's
+  default): what grouping gains;
 - **ours+X**: one change each: `packing` (TRL's best-fit-decreasing packing with per-sequence position
   ids, so packed examples stay apart), `mb1` (micro-batch 1 and the accumulation that keeps the rows
   per step), `liger` (Liger's Triton kernels), `fa2`/`fa3` (flash attention 2/3 instead of sdpa).

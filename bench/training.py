@@ -24,8 +24,8 @@ Phases (per method, SFT and DPO; each in its own process, so each has its own pe
   step. TRL's padding-free collator flattens a micro-batch into one sequence, and with sdpa
   transformers then materialises a block-diagonal (rows x max length)^2 mask and computes all of it;
   one packed row per micro-batch keeps that at max length^2;
-- ``ours-random`` (SFT): ``train_sampling_strategy="random"``, the trainer before it grouped
-  micro-batches by length (``recipes/sft.py``; ``ours`` groups them): how much padding that saves;
+- ``ours-random``: ``train_sampling_strategy="random"``, the trainer before it grouped
+  micro-batches by length (``recipes/sampling.py``; ``ours`` groups them): how much padding that saves;
 - GPU only, when importable: ``ours+liger`` (``liger_kernel`` through ``use_liger_kernel``) and
   attention kernels (``+fa2``: flash_attention_2, ``+fa3``: flash_attention_3; the loader loads
   ``sdpa``, the model is switched after loading). A phase that cannot run says why.
@@ -122,6 +122,7 @@ PHASES = [
     Phase("sft", "ours+packing+fa3", packing=True, attention="flash_attention_3"),
     Phase("dpo", BASELINE, ours=False),
     Phase("dpo", "ours"),
+    Phase("dpo", "ours-random", sampler="random"),
     Phase("dpo", "ours+liger", liger=True),
     Phase("dpo", "ours+fa2", attention="flash_attention_2"),
 ]

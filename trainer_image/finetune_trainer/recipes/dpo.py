@@ -19,7 +19,7 @@ from finetune_trainer.recipes.sampling import EpochSeededGroups
 
 def build_trainer(inputs: RecipeInputs) -> DPOTrainer:
     args = DPOConfig(
-        **inputs.arguments,
+        **({"train_sampling_strategy": "group_by_length"} | inputs.arguments),
         beta=inputs.beta,
         max_length=inputs.max_length,
         precompute_ref_log_probs=False,
@@ -43,7 +43,8 @@ class _DPOTrainer(DPOTrainer):
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset: Any = self.train_dataset if train_dataset is None else train_dataset
         columns = ("prompt_ids", "chosen_ids", "rejected_ids")
-        if not set(columns) <= set(getattr(dataset, "column_names", None) or ()):
+        grouped = self.args.train_sampling_strategy == "group_by_length"
+        if not grouped or not set(columns) <= set(getattr(dataset, "column_names", None) or ()):
             return super()._get_train_sampler(train_dataset)
         prompts, chosen, rejected = (dataset[column] for column in columns)
         lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
