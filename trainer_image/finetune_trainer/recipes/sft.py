@@ -43,7 +43,7 @@ def assistant_only_loss_possible(tokenizer: Any) -> bool:
 def build_trainer(inputs: RecipeInputs) -> SFTTrainer:
     conversational = "messages" in inputs.train_dataset.column_names
     # Without packing, micro-batches of examples of similar length (transformers' length-grouped
-    # sampler: random megabatches, sorted within) pad far less than random ones: 2.2x the real tokens
+    # sampler: random megabatches, sorted within) pad far less than random ones: 2.1x the real tokens
     # per second on the CPU benchmark (docs/benchmarks.md, section 3). Packed rows have no padding.
     sampling = {"train_sampling_strategy": "random" if inputs.packing else "group_by_length"}
     args = SFTConfig(
