@@ -48,7 +48,4 @@ class _DPOTrainer(DPOTrainer):
             return super()._get_train_sampler(train_dataset)
         prompts, chosen, rejected = (dataset[column] for column in columns)
         lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
-        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
-        return EpochSeededGroups(
-            lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps, seed
-        )
+        return EpochSeededGroups.for_trainer(lengths, self.args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
@@ -24,6 +25,13 @@ class EpochSeededGroups(torch.utils.data.Sampler[int]):
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
+
+    @classmethod
+    def for_trainer(cls, lengths: Sequence[int], args: Any) -> EpochSeededGroups:
+        """Groups of one optimiser step's examples (micro-batch x accumulation, as transformers
+        groups them), seeded with the Trainer's ``data_seed`` (else its ``seed``)."""
+        seed = args.seed if args.data_seed is None else args.data_seed
+        return cls(lengths, args.train_batch_size * args.gradient_accumulation_steps, seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -72,6 +72,5 @@ class _SFTTrainer(SFTTrainer):
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
-            seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
-            return EpochSeededGroups(list(sampler.lengths), sampler.batch_size, seed)
+            return EpochSeededGroups.for_trainer(sampler.lengths, self.args)
         return sampler
